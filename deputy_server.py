@@ -1,0 +1,1576 @@
+#!/usr/bin/env python3
+"""Deputy: a small, fast job server for Python shops that run gevent.
+
+A *client* submits jobs (a type and a JSON argument) and gets each result
+back; a *worker* is a client that said which job types it can do. The
+server hands every job to a free worker and routes the result back to the
+connection that submitted it. Queues live in memory only.
+
+Run it::
+
+    deputy-server                  # 127.0.0.1:11746
+    python deputy_server.py -p 4730 -s /run/deputy.sock -v
+
+The wire protocol (JSON lines over TCP or a UNIX socket) is described in
+README.rst, section "The protocol", and in the project's SPEC. This file is
+the whole server: copy it onto a box that has gevent, orjson and docopt-ng
+and run it.
+
+Sections, top to bottom: protocol (framing, parsing, encoding), jobs and
+the broker (queues, worker slots, dispatch), connections (read loop,
+coalescing writer, backpressure), HTTP metrics and status page, the server
+(listeners, signals), command line.
+"""
+
+import bisect
+import errno
+import hmac
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from collections import OrderedDict, deque
+
+import gevent
+import gevent.event
+import gevent.pool
+import gevent.server
+import gevent.socket
+import orjson
+
+__version__ = "0.1.0"
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 11746
+DEFAULT_MAX_LINE = 1024 * 1024           # bytes in one message line
+DEFAULT_MAX_ATTEMPTS = 5                 # worker losses before a job fails
+DEFAULT_METRICS_INTERVAL = 5.0           # seconds between -v metrics lines
+DEFAULT_HIGH_WATER = 4 * 1024 * 1024     # unsent bytes before a connection is paused
+DEFAULT_DRAIN_TIMEOUT = 30.0             # seconds SIGTERM waits for running jobs
+RECV_SIZE = 256 * 1024                   # one read: many pipelined lines at once
+CLOSE_FLUSH_TIMEOUT = 5.0                # seconds to flush a goodbye before closing
+
+log = logging.getLogger("deputy")
+
+
+###############################################################################
+# Protocol: framing, parsing and validating messages, encoding replies.
+# Nothing here knows about sockets or the broker.
+###############################################################################
+
+CRLF = b"\r\n"
+NO_ID = object()            # an error about a message that had no id
+LARGEST_EXACT = 2.0 ** 63   # orjson turns integers beyond 64 bits into floats
+MAX_PAYLOAD_DEPTH = 254     # orjson cannot encode deeper nesting
+
+loads = orjson.loads
+dumps = orjson.dumps
+JSONDecodeError = orjson.JSONDecodeError
+JSONEncodeError = orjson.JSONEncodeError
+
+
+class ProtocolError(Exception):
+    """A refused message; becomes an `error` reply carrying the id if any."""
+
+    def __init__(self, text, id=NO_ID):
+        Exception.__init__(self, text)
+        self.text = text
+        self.id = id
+
+
+def encode(message):
+    return dumps(message) + CRLF
+
+
+def encode_error(text, id=NO_ID):
+    if id is NO_ID:
+        return encode({"cmd": "error", "error": text})
+    return encode({"cmd": "error", "error": text, "id": id})
+
+
+def encode_cancel(wid):
+    return b'{"cmd":"cancel","id":%d}\r\n' % wid
+
+
+def line_is_blank(line):
+    return not line.strip()
+
+
+def decode_line(line):
+    """One line -> (cmd, message dict). Raises ProtocolError."""
+    try:
+        msg = loads(line)
+    except JSONDecodeError as exc:
+        raise ProtocolError("invalid JSON: %s" % exc)
+    if type(msg) is not dict:
+        raise ProtocolError("a message must be a JSON object")
+    cmd = msg.get("cmd")
+    if type(cmd) is not str:
+        raise ProtocolError('a message needs a string "cmd"', msg.get("id", NO_ID))
+    return cmd, msg
+
+
+def may_hold_big_int(value):
+    """True when value holds a float that may have been an integer beyond 64
+    bits in the input (orjson silently parses those as floats)."""
+    kind = type(value)
+    if kind is str or kind is int or value is None or kind is bool:
+        return False
+    if kind is float:
+        return value.is_integer() and abs(value) >= LARGEST_EXACT
+    stack = [value]
+    while stack:
+        container = stack.pop()
+        items = container.values() if type(container) is dict else container
+        for item in items:
+            kind = type(item)
+            if kind is float:
+                if item.is_integer() and abs(item) >= LARGEST_EXACT:
+                    return True
+            elif kind is dict or kind is list:
+                stack.append(item)
+    return False
+
+
+def _exact_int(text):
+    number = int(text)
+    if not -(2 ** 63) <= number < 2 ** 64:
+        raise OverflowError(text)
+    return number
+
+
+def has_int_beyond_64_bits(line):
+    """The slow, sure check: the standard library parser keeps big integers."""
+    try:
+        json.loads(line, parse_int=_exact_int)
+    except OverflowError:
+        return True
+    except ValueError:
+        return False
+    return False
+
+
+def encode_payload(msg, field, line, default=None):
+    """The JSON bytes of msg[field], exactly as received, or ProtocolError."""
+    value = msg.get(field, default)
+    if may_hold_big_int(value) and has_int_beyond_64_bits(line):
+        raise ProtocolError("%s holds an integer beyond 64 bits, which Deputy cannot "
+                            "carry exactly" % field, msg.get("id", NO_ID))
+    try:
+        return dumps(value)
+    except JSONEncodeError:
+        raise ProtocolError("%s is nested deeper than %d levels" % (field, MAX_PAYLOAD_DEPTH),
+                            msg.get("id", NO_ID))
+
+
+def field_id(msg):
+    """A job id: a string or an integer (booleans are not integers)."""
+    if "id" not in msg:
+        raise ProtocolError('"id" is missing')
+    value = msg["id"]
+    kind = type(value)
+    if kind is not str and kind is not int:
+        raise ProtocolError('"id" must be a string or an integer', value)
+    return value
+
+
+def field_wid(msg):
+    """A worker-side id: the integer the server chose."""
+    value = field_id(msg)
+    if type(value) is not int:
+        raise ProtocolError("no such job held by this connection", value)
+    return value
+
+
+def field_type(msg, id=NO_ID):
+    value = msg.get("type")
+    if type(value) is not str or not value:
+        raise ProtocolError('"type" must be a non-empty string', id)
+    return value
+
+
+def field_types(msg):
+    value = msg.get("types")
+    if type(value) is not list or not all(type(t) is str and t for t in value):
+        raise ProtocolError('"types" must be a list of non-empty strings')
+    return value
+
+
+def field_positive_int(msg, field, default):
+    value = msg.get(field, default)
+    if type(value) is not int or value < 1:
+        raise ProtocolError('"%s" must be an integer >= 1' % field)
+    return value
+
+
+def field_seconds(msg, field, id):
+    """ttr and timeout: a positive number, or None when absent."""
+    value = msg.get(field)
+    if value is None and field not in msg:
+        return None
+    kind = type(value)
+    if (kind is not int and kind is not float) or not value > 0:
+        raise ProtocolError('"%s" must be a positive number of seconds' % field, id)
+    return value
+
+
+def field_optional(msg, field, kind, default, id):
+    value = msg.get(field, default)
+    if type(value) is not kind:
+        raise ProtocolError('"%s" must be %s' % (field, kind.__name__), id)
+    return value
+
+
+class Submission:
+    """The plain command a valid `do` message becomes."""
+
+    __slots__ = ("id", "type", "arg_json", "priority", "bg", "unique", "ttr", "timeout")
+
+
+def parse_do(msg, line):
+    sub = Submission()
+    sub.id = id = field_id(msg)
+    sub.type = field_type(msg, id)
+    sub.arg_json = encode_payload(msg, "arg", line)
+    if len(msg) == 4:      # cmd, id, type, arg: the common case has no options
+        sub.priority, sub.bg, sub.unique, sub.ttr, sub.timeout = 0, False, None, None, None
+        return sub
+    sub.priority = field_optional(msg, "priority", int, 0, id)
+    sub.bg = field_optional(msg, "bg", bool, False, id)
+    sub.unique = msg.get("unique")
+    if sub.unique is not None and type(sub.unique) is not str:
+        raise ProtocolError('"unique" must be a string', id)
+    sub.ttr = field_seconds(msg, "ttr", id)
+    sub.timeout = field_seconds(msg, "timeout", id)
+    return sub
+
+
+def parse_did(msg, line):
+    """-> (wid, tail): tail is the bytes that follow the id in the reply."""
+    wid = field_wid(msg)
+    has_res = "res" in msg
+    if "err" in msg:
+        if has_res:
+            raise ProtocolError('"did" takes "res" or "err", not both', wid)
+        err = msg["err"]
+        if type(err) is not str:
+            raise ProtocolError('"err" must be a string', wid)
+        return wid, None, err
+    if not has_res:
+        raise ProtocolError('"did" needs "res" or "err"', wid)
+    return wid, encode_payload(msg, "res", line), None
+
+
+###############################################################################
+# Jobs and the broker: per-type queues, worker slots, dispatch, requeue,
+# metrics. The broker talks to connections only through Peer.send and
+# Peer.close, so tests can drive it with fakes.
+###############################################################################
+
+QUEUED, RUNNING, FINISHED = 0, 1, 2
+
+
+class Job:
+    """One unit of work. `owner` gets the result (None for a background
+    job); `joined` are further submitters coalesced onto it by `unique`."""
+
+    __slots__ = ("seq", "kind", "arg_json", "priority", "owner", "owner_id", "owner_id_json",
+                 "joined", "bg", "unique", "ttr", "state", "worker", "wid", "attempts",
+                 "ttr_timer")
+
+    def __init__(self, seq, kind, sub, owner):
+        self.seq = seq
+        self.kind = kind
+        self.arg_json = sub.arg_json
+        self.priority = sub.priority
+        self.owner = owner
+        self.owner_id = sub.id
+        self.owner_id_json = dumps(sub.id) if owner is not None else None
+        self.joined = None
+        self.bg = sub.bg
+        self.unique = sub.unique
+        self.ttr = sub.ttr
+        self.state = QUEUED
+        self.worker = None
+        self.wid = 0
+        self.attempts = 0
+        self.ttr_timer = None
+
+    def submitters(self):
+        """(peer, id, id_json) for everyone waiting for this job's result."""
+        found = [] if self.owner is None else [(self.owner, self.owner_id, self.owner_id_json)]
+        if self.joined:
+            found.extend(self.joined)
+        return found
+
+    def wanted(self):
+        """Does anyone still want this job done?"""
+        return self.owner is not None or bool(self.joined) or self.bg
+
+
+class JobQueue:
+    """Jobs of one type waiting for a worker: FIFO within a priority, higher
+    priority first. O(1) push/pop while priorities stay few; dead entries
+    (cancelled, abandoned) are skipped lazily and compacted now and then."""
+
+    __slots__ = ("levels", "by_priority", "dead")
+
+    def __init__(self):
+        self.levels = []          # priorities with jobs, highest first (negated for bisect)
+        self.by_priority = {}     # priority -> deque of jobs
+        self.dead = 0
+
+    def _deque_for(self, priority):
+        jobs = self.by_priority.get(priority)
+        if jobs is None:
+            jobs = self.by_priority[priority] = deque()
+            bisect.insort(self.levels, -priority)
+        return jobs
+
+    def push(self, job):
+        self._deque_for(job.priority).append(job)
+
+    def push_front(self, job):
+        self._deque_for(job.priority).appendleft(job)
+
+    def head(self):
+        """The next live job, or None. Drops dead entries found on the way."""
+        levels = self.levels
+        while levels:
+            priority = -levels[0]
+            jobs = self.by_priority[priority]
+            while jobs:
+                job = jobs[0]
+                if job.state == QUEUED:
+                    return job
+                jobs.popleft()
+                self.dead -= 1
+            del self.by_priority[priority]
+            del levels[0]
+        return None
+
+    def pop_head(self):
+        """Remove the job head() returned."""
+        priority = -self.levels[0]
+        jobs = self.by_priority[priority]
+        jobs.popleft()
+        if not jobs:
+            del self.by_priority[priority]
+            del self.levels[0]
+
+    def forget_one(self, live):
+        """A queued job died in place; compact when the dead outnumber the live."""
+        self.dead += 1
+        if self.dead > 1024 and self.dead > live:
+            for priority, jobs in list(self.by_priority.items()):
+                kept = deque(job for job in jobs if job.state == QUEUED)
+                if kept:
+                    self.by_priority[priority] = kept
+                else:
+                    del self.by_priority[priority]
+                    self.levels.remove(-priority)
+            self.dead = 0
+
+
+class JobType:
+    """A job type: its queue, the workers that can do it, and the workers
+    among them with a free slot, longest-waiting first."""
+
+    __slots__ = ("name", "do_prefix", "queue", "queued", "running", "workers", "idle", "done",
+                 "failed")
+
+    def __init__(self, name):
+        self.name = name
+        # Everything of a worker's `do` line that follows the wid.
+        self.do_prefix = b',"type":' + dumps(name) + b',"arg":'
+        self.queue = JobQueue()
+        self.queued = 0
+        self.running = 0
+        self.workers = 0
+        self.idle = OrderedDict()   # Peer -> None; O(1) pop of the longest waiting
+        self.done = 0
+        self.failed = 0
+
+    def stats(self):
+        return {"queued": self.queued, "running": self.running, "workers": self.workers,
+                "idle": len(self.idle), "done": self.done, "failed": self.failed}
+
+
+class Peer:
+    """The broker's view of one connection: what it can do, the jobs it holds
+    as a worker, and the jobs it submitted and waits for."""
+
+    __slots__ = ("send", "close", "name", "kinds", "capacity", "held", "jobs", "paused",
+                 "held_back", "deadlines", "closed", "authed")
+
+    def __init__(self, link, name=""):
+        self.send = link.send       # bytes -> None, never blocks
+        self.close = link.close     # -> None, ends the connection
+        self.name = name
+        self.kinds = {}             # JobType -> None (ordered: can_do order)
+        self.capacity = 1
+        self.held = {}              # wid -> Job this worker is doing
+        self.jobs = {}              # submitter id -> Job not yet answered
+        self.paused = False         # output over the high-water mark
+        self.held_back = []         # its queued jobs skipped while paused
+        self.deadlines = None       # submitter id -> timeout timer, when used
+        self.closed = False
+        self.authed = False
+
+    def has_free_slot(self):
+        return len(self.held) < self.capacity and not self.paused and not self.closed
+
+
+class Counters:
+    """The server-wide figures of `metrics`."""
+
+    def __init__(self):
+        self.up_since = int(time.time() * 1000)
+        self.connections = 0
+        self.connections_open = 0
+        self.workers = 0
+        self.jobs_added = 0
+        self.jobs_dispatched = 0
+        self.jobs_done = 0
+        self.jobs_failed = 0
+        self.jobs_reassigned = 0
+        self.jobs_abandoned = 0
+        self.jobs_queued = 0
+        self.jobs_running = 0
+        self.jobs_coalesced = 0
+        self.jobs_timed_out = 0
+        self.jobs_cancelled = 0
+        self.jobs_released = 0
+        self.jobs_background = 0
+
+
+class Broker:
+    """Matches jobs with worker slots. Single-threaded (one gevent hub), so
+    no locks: every method runs to completion."""
+
+    def __init__(self, max_attempts=DEFAULT_MAX_ATTEMPTS, default_ttr=None, loop=None):
+        self.max_attempts = max_attempts
+        self.default_ttr = default_ttr
+        self.loop = loop or gevent.get_hub().loop
+        self.kinds = {}             # type name -> JobType
+        self.unique = {}            # (type name, key) -> Job
+        self.counters = Counters()
+        self.next_seq = 0
+        self.next_wid = 0
+        self.draining = False
+        self.drained = gevent.event.Event()
+
+    # -- connections ---------------------------------------------------------
+
+    def connect(self, link, name=""):
+        self.counters.connections += 1
+        self.counters.connections_open += 1
+        return Peer(link, name)
+
+    def disconnect(self, peer):
+        """A connection closed: give back what it held, drop what it asked for."""
+        if peer.closed:
+            return
+        peer.closed = True
+        c = self.counters
+        c.connections_open -= 1
+        self.cant_do(peer, [kind.name for kind in peer.kinds])
+        self.requeue_lost(peer)
+        for sub_id, job in list(peer.jobs.items()):
+            self.detach(peer, sub_id, job, cancel_running=False)
+        peer.held_back = []
+
+    def kind(self, name):
+        kind = self.kinds.get(name)
+        if kind is None:
+            kind = self.kinds[name] = JobType(name)
+        return kind
+
+    # -- workers -------------------------------------------------------------
+
+    def can_do(self, peer, names, capacity=None):
+        if capacity is not None:
+            peer.capacity = capacity
+        if names and not peer.kinds:
+            self.counters.workers += 1
+        for name in names:
+            kind = self.kind(name)
+            if kind not in peer.kinds:
+                peer.kinds[kind] = None
+                kind.workers += 1
+        self.worker_ready(peer)
+
+    def cant_do(self, peer, names):
+        had_kinds = bool(peer.kinds)
+        for name in names:
+            kind = self.kinds.get(name)
+            if kind is not None and kind in peer.kinds:
+                del peer.kinds[kind]
+                kind.workers -= 1
+                kind.idle.pop(peer, None)
+        if had_kinds and not peer.kinds:
+            self.counters.workers -= 1
+
+    def worker_ready(self, peer):
+        """peer may have free slots: fill them from its queues, oldest
+        (highest priority) job first across its types, then park it."""
+        while peer.has_free_slot() and not self.draining:
+            job = self.best_job_for(peer)
+            if job is None:
+                break
+            job.kind.queue.pop_head()
+            self.assign(job, peer)
+        if peer.has_free_slot():
+            for kind in peer.kinds:
+                if peer not in kind.idle:
+                    kind.idle[peer] = None
+        else:                       # full, e.g. after its capacity was lowered
+            for kind in peer.kinds:
+                kind.idle.pop(peer, None)
+
+    def best_job_for(self, peer):
+        best = None
+        for kind in peer.kinds:
+            if not kind.queued:
+                continue
+            job = self.dispatchable_head(kind)
+            if job is not None and (best is None or job.priority > best.priority or
+                                    (job.priority == best.priority and job.seq < best.seq)):
+                best = job
+        return best
+
+    def dispatchable_head(self, kind):
+        """The queue's next job whose submitter can take a result now; jobs of
+        a paused submitter are set aside until it drains (SPEC 5)."""
+        queue = kind.queue
+        while True:
+            job = queue.head()
+            if job is None:
+                return None
+            owner = job.owner
+            if owner is None or not owner.paused:
+                return job
+            queue.pop_head()
+            owner.held_back.append(job)
+
+    def assign(self, job, peer):
+        """Hand job to peer: a new wid for every hand-out, so a late answer
+        for an earlier hand-out can never finish this one."""
+        kind = job.kind
+        kind.queued -= 1
+        kind.running += 1
+        c = self.counters
+        c.jobs_queued -= 1
+        c.jobs_running += 1
+        c.jobs_dispatched += 1
+        self.next_wid += 1
+        wid = job.wid = self.next_wid
+        job.state = RUNNING
+        job.worker = peer
+        peer.held[wid] = job
+        if job.ttr is not None:
+            job.ttr_timer = self.start_timer(job.ttr, self.ttr_expired, job, wid)
+        peer.send(b"".join((b'{"cmd":"do","id":', b"%d" % wid, kind.do_prefix, job.arg_json,
+                            b"}\r\n")))
+        if len(peer.held) >= peer.capacity:
+            for other in peer.kinds:
+                other.idle.pop(peer, None)
+        else:                       # still has room: to the back of the line
+            for other in peer.kinds:
+                if peer in other.idle:
+                    other.idle.move_to_end(peer)
+
+    def kick(self, kind):
+        """Give kind's queued jobs to its idle workers."""
+        idle = kind.idle
+        while idle and kind.queued and not self.draining:
+            job = self.dispatchable_head(kind)
+            if job is None:
+                return
+            kind.queue.pop_head()
+            self.assign(job, next(iter(idle)))
+
+    # -- submitters ----------------------------------------------------------
+
+    def submit(self, peer, sub):
+        """A `do`: queue it, coalesce it, or hand it straight to a worker."""
+        if self.draining:
+            raise ProtocolError("draining", sub.id)
+        if sub.id in peer.jobs:
+            raise ProtocolError("duplicate id: a job with this id is unfinished", sub.id)
+        kind = self.kind(sub.type)
+        c = self.counters
+        c.jobs_added += 1
+        if sub.unique is not None:
+            job = self.unique.get((kind.name, sub.unique))
+            if job is not None:
+                return self.join(job, peer, sub)
+        if sub.ttr is None:
+            sub.ttr = self.default_ttr
+        self.next_seq += 1
+        job = Job(self.next_seq, kind, sub, None if sub.bg else peer)
+        if sub.unique is not None:
+            self.unique[(kind.name, sub.unique)] = job
+        if sub.bg:
+            c.jobs_background += 1
+            peer.send(b'{"cmd":"queued","id":%s}\r\n' % dumps(sub.id))
+        else:
+            peer.jobs[sub.id] = job
+            if sub.timeout is not None:
+                self.start_deadline(peer, sub.id, sub.timeout)
+        kind.queued += 1
+        c.jobs_queued += 1
+        idle = kind.idle
+        if idle and not peer.paused and not kind.queue.levels:
+            self.assign(job, next(iter(idle)))      # the common case: no queue
+        else:
+            kind.queue.push(job)
+            if idle:
+                self.kick(kind)
+
+    def join(self, job, peer, sub):
+        """Coalesce a submission onto an unfinished job with the same unique key."""
+        self.counters.jobs_coalesced += 1
+        if sub.bg:
+            job.bg = True
+            self.counters.jobs_background += 1
+            peer.send(b'{"cmd":"queued","id":%s}\r\n' % dumps(sub.id))
+            return
+        if job.joined is None:
+            job.joined = []
+        job.joined.append((peer, sub.id, dumps(sub.id)))
+        peer.jobs[sub.id] = job
+        if sub.timeout is not None:
+            self.start_deadline(peer, sub.id, sub.timeout)
+
+    def cancel(self, peer, sub_id):
+        job = peer.jobs.get(sub_id)
+        if job is None:
+            raise ProtocolError("no unfinished job with this id", sub_id)
+        self.counters.jobs_cancelled += 1
+        self.detach(peer, sub_id, job, cancel_running=True)
+        peer.send(b'{"cmd":"did","id":%s,"err":"cancelled"}\r\n' % dumps(sub_id))
+
+    def detach(self, peer, sub_id, job, cancel_running):
+        """peer stops waiting for job under sub_id (it cancelled, timed out or
+        left). The job itself ends only when nobody else waits for it."""
+        del peer.jobs[sub_id]
+        self.stop_deadline(peer, sub_id)
+        if job.owner is peer and job.owner_id == sub_id:
+            job.owner = None
+        elif job.joined:
+            job.joined = [entry for entry in job.joined
+                          if not (entry[0] is peer and entry[1] == sub_id)]
+        if job.wanted():
+            return
+        if not cancel_running:
+            self.counters.jobs_abandoned += 1
+        if job.state == QUEUED:
+            self.drop_queued(job)
+        elif job.state == RUNNING and cancel_running:
+            self.take_back(job)
+            self.forget(job)
+            job.state = FINISHED
+            worker = job.worker
+            worker.send(encode_cancel(job.wid))
+            self.worker_ready(worker)
+        # A running job nobody waits for any more runs on; its result is dropped.
+
+    def drop_queued(self, job):
+        job.state = FINISHED
+        kind = job.kind
+        kind.queued -= 1
+        self.counters.jobs_queued -= 1
+        kind.queue.forget_one(kind.queued)
+        self.forget(job)
+
+    def forget(self, job):
+        if job.unique is not None and self.unique.get((job.kind.name, job.unique)) is job:
+            del self.unique[(job.kind.name, job.unique)]
+
+    def resume_submitter(self, peer):
+        """Its output drained: its set-aside jobs go back to the front."""
+        held_back, peer.held_back = peer.held_back, []
+        kinds = set()
+        for job in reversed(held_back):
+            if job.state == QUEUED:
+                job.kind.queue.push_front(job)
+                kinds.add(job.kind)
+        for kind in kinds:
+            self.kick(kind)
+
+    # -- results -------------------------------------------------------------
+
+    def take_back(self, job):
+        """The worker no longer holds job (done, lost, cancelled, released)."""
+        del job.worker.held[job.wid]
+        job.kind.running -= 1
+        self.counters.jobs_running -= 1
+        if job.ttr_timer is not None:
+            job.ttr_timer.close()
+            job.ttr_timer = None
+        if self.draining:
+            self.check_drained()
+
+    def held_job(self, peer, wid):
+        job = peer.held.get(wid)
+        if job is None:
+            raise ProtocolError("no such job held by this connection", wid)
+        return job
+
+    def did(self, peer, wid, res_json, err):
+        """A worker finished (res_json) or failed (err) the job it holds as wid."""
+        job = self.held_job(peer, wid)
+        self.take_back(job)
+        job.state = FINISHED
+        if err is None:
+            self.counters.jobs_done += 1
+            job.kind.done += 1
+            self.deliver(job, b',"res":' + res_json + b"}\r\n")
+        else:
+            self.fail(job, err)
+        self.worker_ready(peer)
+
+    def fail(self, job, err):
+        job.state = FINISHED
+        self.counters.jobs_failed += 1
+        job.kind.failed += 1
+        self.deliver(job, b',"err":' + dumps(err) + b"}\r\n")
+
+    def deliver(self, job, tail):
+        """Send every waiting submitter its `did`, under its own id."""
+        self.forget(job)
+        owner = job.owner
+        if owner is not None:
+            self.answered(owner, job.owner_id)
+            owner.send(b"".join((b'{"cmd":"did","id":', job.owner_id_json, tail)))
+        if job.joined:
+            for peer, sub_id, id_json in job.joined:
+                self.answered(peer, sub_id)
+                peer.send(b"".join((b'{"cmd":"did","id":', id_json, tail)))
+
+    def answered(self, peer, sub_id):
+        del peer.jobs[sub_id]
+        if peer.deadlines:
+            self.stop_deadline(peer, sub_id)
+
+    def progress(self, peer, wid, data_json):
+        job = self.held_job(peer, wid)
+        for sub_peer, _, id_json in job.submitters():
+            sub_peer.send(b"".join((b'{"cmd":"progress","id":', id_json, b',"data":', data_json,
+                                    b"}\r\n")))
+
+    def release(self, peer, wid):
+        """A worker gives a job back undone: not a lost attempt."""
+        job = self.held_job(peer, wid)
+        self.take_back(job)
+        self.counters.jobs_released += 1
+        self.requeue_front(job)
+        for kind in peer.kinds:     # others first: it just said it has no room
+            if peer in kind.idle:
+                kind.idle.move_to_end(peer)
+        self.kick(job.kind)
+        self.worker_ready(peer)
+
+    def requeue_front(self, job):
+        job.state = QUEUED
+        job.worker = None
+        job.kind.queued += 1
+        self.counters.jobs_queued += 1
+        job.kind.queue.push_front(job)
+
+    def requeue_lost(self, peer):
+        """peer is gone: each job it held goes back to the front of its queue
+        (in the order they were handed out), or fails after max_attempts."""
+        jobs = list(peer.held.values())
+        kinds = set()
+        for job in reversed(jobs):
+            self.take_back(job)
+            if self.lost_attempt(job):
+                kinds.add(job.kind)
+        for kind in kinds:
+            self.kick(kind)
+
+    def lost_attempt(self, job):
+        """Count a lost hand-out; requeue the job (True) or fail it."""
+        job.attempts += 1
+        if job.attempts >= self.max_attempts:
+            self.fail(job, "job failed: its worker was lost %d times" % job.attempts)
+            return False
+        self.counters.jobs_reassigned += 1
+        if not job.wanted():        # nobody waits for it: no point redoing it
+            job.state = FINISHED
+            self.forget(job)
+            return False
+        self.requeue_front(job)
+        return True
+
+    # -- timers --------------------------------------------------------------
+
+    def start_timer(self, seconds, callback, *args):
+        timer = self.loop.timer(seconds)
+        timer.start(callback, *args)
+        return timer
+
+    def ttr_expired(self, job, wid):
+        """The worker kept the job past its ttr: take it back (SPEC 7)."""
+        worker = job.worker
+        if job.state != RUNNING or job.wid != wid or worker is None:
+            return
+        self.take_back(job)
+        worker.send(encode_cancel(wid))
+        if self.lost_attempt(job):
+            self.kick(job.kind)
+        self.worker_ready(worker)
+
+    def start_deadline(self, peer, sub_id, seconds):
+        if peer.deadlines is None:
+            peer.deadlines = {}
+        peer.deadlines[sub_id] = self.start_timer(seconds, self.deadline_passed, peer, sub_id)
+
+    def stop_deadline(self, peer, sub_id):
+        if peer.deadlines:
+            timer = peer.deadlines.pop(sub_id, None)
+            if timer is not None:
+                timer.close()
+
+    def deadline_passed(self, peer, sub_id):
+        peer.deadlines.pop(sub_id, None)
+        job = peer.jobs.get(sub_id)
+        if job is None or peer.closed:
+            return
+        self.counters.jobs_timed_out += 1
+        self.detach(peer, sub_id, job, cancel_running=True)
+        peer.send(b'{"cmd":"did","id":%s,"err":"timeout"}\r\n' % dumps(sub_id))
+
+    # -- backpressure --------------------------------------------------------
+
+    def pause(self, peer):
+        """peer's unsent output is over the high-water mark: no new jobs for
+        it as a worker, none of its queued jobs handed out as a submitter."""
+        peer.paused = True
+        for kind in peer.kinds:
+            kind.idle.pop(peer, None)
+
+    def resume(self, peer):
+        peer.paused = False
+        if peer.closed:
+            return
+        self.resume_submitter(peer)
+        self.worker_ready(peer)
+
+    # -- draining and metrics ------------------------------------------------
+
+    def start_draining(self):
+        """SIGTERM: no new jobs, none handed out; wait for the running ones."""
+        self.draining = True
+        self.check_drained()
+
+    def check_drained(self):
+        if self.draining and self.counters.jobs_running == 0:
+            self.drained.set()
+
+    def metrics(self):
+        figures = dict(vars(self.counters))
+        figures["types"] = {name: kind.stats() for name, kind in self.kinds.items()}
+        return figures
+
+
+###############################################################################
+# Connections: one greenlet reads and handles lines, one writer greenlet
+# sends everything queued since it last ran in one write. Past the
+# high-water mark of unsent output the connection is paused (SPEC 5).
+###############################################################################
+
+def format_address(address):
+    if isinstance(address, tuple) and len(address) >= 2:
+        return "%s:%s" % address[:2]
+    return str(address or "unix")
+
+
+class Connection:
+    """One client socket, from accept to close."""
+
+    def __init__(self, server, sock, address):
+        self.server = server
+        self.broker = server.broker
+        self.sock = sock
+        self.name = format_address(address)
+        self.max_line = server.max_line
+        self.high_water = server.high_water
+        self.out = []               # bytes not yet given to the socket
+        self.out_bytes = 0          # ... plus those being sent now
+        self.wake_writer = gevent.event.Event()
+        self.may_read = gevent.event.Event()
+        self.may_read.set()
+        self.closing = False        # set by a fatal error: flush, then close
+        self.logged_error = False
+        self.peer = self.broker.connect(self, self.name)
+        self.handlers = {"auth": self.on_auth}
+        if server.secret is None:
+            self.authenticated()
+
+    def authenticated(self):
+        self.peer.authed = True
+        self.handlers = {
+            "do": self.on_do, "did": self.on_did, "can_do": self.on_can_do,
+            "cant_do": self.on_cant_do, "metrics": self.on_metrics, "cancel": self.on_cancel,
+            "progress": self.on_progress, "release": self.on_release, "auth": self.on_auth,
+        }
+
+    # -- the broker's interface ----------------------------------------------
+
+    def send(self, data):
+        """Queue bytes for the writer; never blocks."""
+        self.out.append(data)
+        self.out_bytes += len(data)
+        if self.out_bytes > self.high_water and not self.peer.paused:
+            self.pause()
+        self.wake_writer.set()
+
+    def close(self):
+        self.closing = True
+        self.may_read.set()
+
+    def pause(self):
+        self.may_read.clear()
+        self.broker.pause(self.peer)
+
+    def resume(self):
+        self.may_read.set()
+        self.broker.resume(self.peer)
+
+    # -- reading -------------------------------------------------------------
+
+    def serve(self):
+        writer = gevent.spawn(self.write_loop)
+        try:
+            self.read_loop()
+        except OSError:
+            pass                    # reset by peer: the same as a close
+        except Exception:
+            log.exception("%s: internal error, closing the connection", self.name)
+        finally:
+            self.broker.disconnect(self.peer)
+            if self.closing:
+                self.flush_before_close()
+            writer.kill()
+            self.sock.close()
+
+    def read_loop(self):
+        recv = self.sock.recv
+        partial = []                # pieces of a line not yet ended
+        partial_len = 0
+        while not self.closing:
+            if not self.may_read.is_set():
+                self.may_read.wait()
+                continue
+            data = recv(RECV_SIZE)
+            if not data:
+                return
+            if b"\n" not in data:
+                partial.append(data)
+                partial_len += len(data)
+                if partial_len > self.max_line + 1:
+                    return self.line_too_long()
+                continue
+            if partial:
+                partial.append(data)
+                data = b"".join(partial)
+                partial = []
+            lines = data.split(b"\n")
+            tail = lines.pop()
+            partial_len = len(tail)
+            if tail:
+                partial.append(tail)
+                if partial_len > self.max_line + 1:
+                    return self.line_too_long()
+            self.handle_lines(lines)
+
+    def handle_lines(self, lines):
+        handlers = self.handlers
+        max_line = self.max_line
+        for line in lines:
+            if len(line) > max_line and len(line) - line.endswith(b"\r") > max_line:
+                return self.line_too_long()
+            try:
+                try:
+                    msg = loads(line)
+                except JSONDecodeError:
+                    if line_is_blank(line):
+                        continue
+                    raise
+                cmd = msg["cmd"]
+                handlers[cmd](msg, line)
+            except ProtocolError as exc:
+                self.refuse(exc)
+            except Exception:
+                self.refuse(self.explain(line))
+            if self.closing:
+                return
+            handlers = self.handlers    # auth swaps them
+
+    def explain(self, line):
+        """Why a line failed the fast path, as a ProtocolError."""
+        try:
+            cmd, msg = decode_line(line)
+        except ProtocolError as exc:
+            return exc
+        if cmd not in self.handlers:
+            if not self.peer.authed:
+                return ProtocolError("authentication required: send auth first")
+            return ProtocolError("unknown cmd %r" % cmd[:100], msg.get("id", NO_ID))
+        log.exception("%s: internal error on a %s message", self.name, cmd)
+        return ProtocolError("internal error on a %s message" % cmd, msg.get("id", NO_ID))
+
+    def refuse(self, exc):
+        self.send(encode_error(exc.text, exc.id))
+        if not self.logged_error:
+            self.logged_error = True
+            log.info("%s: refused a message: %s (further errors on this connection are "
+                     "not logged)", self.name, exc.text)
+        if not self.peer.authed:
+            self.close()
+
+    def line_too_long(self):
+        self.send(encode_error("line too long (limit %d bytes)" % self.max_line))
+        log.info("%s: line too long, closing", self.name)
+        self.close()
+
+    # -- commands ------------------------------------------------------------
+
+    def on_do(self, msg, line):
+        self.broker.submit(self.peer, parse_do(msg, line))
+
+    def on_did(self, msg, line):
+        wid, res_json, err = parse_did(msg, line)
+        self.broker.did(self.peer, wid, res_json, err)
+
+    def on_can_do(self, msg, line):
+        types = field_types(msg)
+        capacity = field_positive_int(msg, "capacity", None) if "capacity" in msg else None
+        self.broker.can_do(self.peer, types, capacity)
+
+    def on_cant_do(self, msg, line):
+        self.broker.cant_do(self.peer, field_types(msg))
+
+    def on_metrics(self, msg, line):
+        self.send(encode({"cmd": "metrics", "metrics": self.server.metrics()}))
+
+    def on_cancel(self, msg, line):
+        self.broker.cancel(self.peer, field_id(msg))
+
+    def on_progress(self, msg, line):
+        wid = field_wid(msg)
+        self.broker.held_job(self.peer, wid)
+        self.broker.progress(self.peer, wid, encode_payload(msg, "data", line))
+
+    def on_release(self, msg, line):
+        self.broker.release(self.peer, field_wid(msg))
+
+    def on_auth(self, msg, line):
+        secret = msg.get("secret")
+        if type(secret) is not str:
+            raise ProtocolError('"secret" must be a string')
+        expected = self.server.secret
+        if expected is not None and not hmac.compare_digest(secret.encode(), expected.encode()):
+            log.warning("%s: authentication failed", self.name)
+            raise ProtocolError("authentication failed")
+        if not self.peer.authed:
+            self.authenticated()
+        self.send(b'{"cmd":"auth","ok":true}\r\n')
+
+    # -- writing -------------------------------------------------------------
+
+    def write_loop(self):
+        """Everything sent since the last write goes out in one sendall."""
+        wait, clear = self.wake_writer.wait, self.wake_writer.clear
+        sendall = self.sock.sendall
+        try:
+            while True:
+                wait()
+                clear()
+                while self.out:
+                    out = self.out
+                    self.out = []
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                    sendall(data)
+                    self.out_bytes -= len(data)
+                    if self.peer.paused and self.out_bytes <= self.high_water // 2:
+                        self.resume()
+        except OSError:
+            self.out = []
+            self.out_bytes = 0
+            self.close()
+            self.sock.close()       # wakes the reader if it waits in recv
+
+    def flush_before_close(self):
+        with gevent.Timeout(CLOSE_FLUSH_TIMEOUT, False):
+            while self.out_bytes > 0 and not self.sock.closed:
+                gevent.sleep(0.005)
+
+
+###############################################################################
+# HTTP: Prometheus metrics, a health check and a self-updating status page,
+# served by gevent's WSGI server in the same process (SPEC 8).
+###############################################################################
+
+COUNTER_HELP = {
+    "connections": "Connections accepted since start.",
+    "jobs_added": "Jobs submitted.",
+    "jobs_dispatched": "Jobs handed to a worker (each hand-out counts).",
+    "jobs_done": "Jobs finished with a result.",
+    "jobs_failed": "Jobs finished with an error.",
+    "jobs_reassigned": "Jobs handed out again after their worker was lost or ran out of time.",
+    "jobs_abandoned": "Jobs dropped because their submitter left.",
+    "jobs_coalesced": "Submissions joined to an unfinished job with the same unique key.",
+    "jobs_timed_out": "Submissions that reached their timeout.",
+    "jobs_cancelled": "Submissions cancelled by their submitter.",
+    "jobs_released": "Jobs given back undone by a worker.",
+    "jobs_background": "Background submissions.",
+}
+GAUGE_HELP = {
+    "connections_open": "Open connections.",
+    "workers": "Open connections that can do at least one job type.",
+    "jobs_queued": "Jobs waiting for a worker.",
+    "jobs_running": "Jobs held by workers.",
+}
+TYPE_HELP = {
+    "queued": ("gauge", "Jobs of this type waiting for a worker."),
+    "running": ("gauge", "Jobs of this type held by workers."),
+    "workers": ("gauge", "Connections that can do this type."),
+    "idle": ("gauge", "Connections that can do this type and have a free slot."),
+    "done": ("counter", "Jobs of this type finished with a result."),
+    "failed": ("counter", "Jobs of this type finished with an error."),
+}
+
+
+def prometheus_label(value):
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def prometheus_text(metrics):
+    """The metrics in the Prometheus text exposition format, version 0.0.4."""
+    out = ["# HELP deputy_up_since_seconds When the server started (Unix time).",
+           "# TYPE deputy_up_since_seconds gauge",
+           "deputy_up_since_seconds %.3f" % (metrics["up_since"] / 1000.0)]
+    for name, text in COUNTER_HELP.items():
+        out += ["# HELP deputy_%s_total %s" % (name, text), "# TYPE deputy_%s_total counter" % name,
+                "deputy_%s_total %d" % (name, metrics[name])]
+    for name, text in GAUGE_HELP.items():
+        out += ["# HELP deputy_%s %s" % (name, text), "# TYPE deputy_%s gauge" % name,
+                "deputy_%s %d" % (name, metrics[name])]
+    for field, (kind, text) in TYPE_HELP.items():
+        series = "deputy_type_%s%s" % (field, "_total" if kind == "counter" else "")
+        out += ["# HELP %s %s" % (series, text), "# TYPE %s %s" % (series, kind)]
+        for type_name, stats in sorted(metrics["types"].items()):
+            out.append('%s{type="%s"} %d' % (series, prometheus_label(type_name), stats[field]))
+    return "\n".join(out) + "\n"
+
+
+STATUS_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>Deputy status</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #222; }
+h1 { font-size: 1.4em; margin: 0 0 .2em; }
+.sub { color: #666; margin-bottom: 1.2em; }
+table { border-collapse: collapse; min-width: 40em; }
+th, td { padding: .3em .8em; border-bottom: 1px solid #ddd; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f4f4f4; }
+#totals span { margin-right: 1.5em; }
+.stale { color: #b00; }
+</style></head>
+<body>
+<h1>Deputy</h1>
+<div class="sub">version <span id="version"></span>, up since <span id="up"></span>
+ &middot; <span id="state">loading&hellip;</span></div>
+<div id="totals"></div>
+<table><thead><tr><th>type</th><th>queued</th><th>running</th><th>workers</th><th>idle</th>
+<th>done</th><th>failed</th><th>jobs/s</th></tr></thead><tbody id="rows"></tbody></table>
+<script>
+"use strict";
+var last = null;
+function cell(row, text) { var td = document.createElement("td"); td.textContent = text; row.appendChild(td); }
+function render(m, rates) {
+  document.getElementById("up").textContent = new Date(m.up_since).toLocaleString();
+  var totals = ["connections_open", "workers", "jobs_queued", "jobs_running", "jobs_done", "jobs_failed"];
+  var t = document.getElementById("totals"); t.textContent = "";
+  totals.forEach(function (k) { var s = document.createElement("span"); s.id = "total-" + k;
+    s.textContent = k.replace("_", " ") + ": " + m[k]; t.appendChild(s); });
+  var tbody = document.getElementById("rows"); tbody.textContent = "";
+  Object.keys(m.types).sort().forEach(function (name) {
+    var s = m.types[name], row = document.createElement("tr"); row.dataset.type = name;
+    cell(row, name); ["queued", "running", "workers", "idle", "done", "failed"].forEach(function (k) { cell(row, s[k]); });
+    cell(row, rates[name] === undefined ? "-" : rates[name].toFixed(1));
+    tbody.appendChild(row);
+  });
+}
+function poll() {
+  fetch("status.json", {cache: "no-store"}).then(function (r) { return r.json(); }).then(function (d) {
+    var now = performance.now(), rates = {};
+    if (last) {
+      var dt = (now - last.at) / 1000;
+      Object.keys(d.metrics.types).forEach(function (name) {
+        var before = last.m.types[name], s = d.metrics.types[name];
+        var finished = s.done + s.failed - (before ? before.done + before.failed : 0);
+        rates[name] = dt > 0 ? finished / dt : 0;
+      });
+    }
+    last = {at: now, m: d.metrics};
+    document.getElementById("version").textContent = d.version;
+    var st = document.getElementById("state"); st.textContent = d.draining ? "draining" : "live";
+    st.className = "";
+    render(d.metrics, rates);
+  }).catch(function () { var st = document.getElementById("state");
+    st.textContent = "server unreachable"; st.className = "stale"; });
+}
+poll(); setInterval(poll, 1000);
+</script></body></html>
+"""
+
+
+class HttpApp:
+    """The WSGI application behind --http."""
+
+    def __init__(self, server):
+        self.server = server
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "/")
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            return self.reply(start_response, "405 Method Not Allowed", "text/plain", b"GET only\n")
+        if path == "/metrics":
+            body = prometheus_text(self.server.metrics()).encode()
+            return self.reply(start_response, "200 OK", "text/plain; version=0.0.4; charset=utf-8",
+                              body)
+        if path == "/health":
+            if self.server.broker.draining:
+                return self.reply(start_response, "503 Service Unavailable", "text/plain",
+                                  b"draining\n")
+            return self.reply(start_response, "200 OK", "text/plain", b"ok\n")
+        if path == "/status.json":
+            body = dumps({"version": __version__, "draining": self.server.broker.draining,
+                          "metrics": self.server.metrics()})
+            return self.reply(start_response, "200 OK", "application/json", body)
+        if path == "/":
+            return self.reply(start_response, "200 OK", "text/html; charset=utf-8",
+                              STATUS_PAGE.encode())
+        return self.reply(start_response, "404 Not Found", "text/plain", b"not found\n")
+
+    @staticmethod
+    def reply(start_response, status, content_type, body):
+        start_response(status, [("Content-Type", content_type),
+                                ("Content-Length", str(len(body))),
+                                ("Cache-Control", "no-store")])
+        return [body]
+
+
+###############################################################################
+# The server: listeners (TCP, UNIX, HTTP), signals, the metrics printer.
+###############################################################################
+
+class StartupError(Exception):
+    """A problem that stops the server from starting; one line for the user."""
+
+
+class Server:
+    """Owns the broker and the listeners. No module-level state, so tests
+    can run several servers in one process."""
+
+    def __init__(self, host=DEFAULT_HOST, port=DEFAULT_PORT, unix_path=None,
+                 max_line=DEFAULT_MAX_LINE, max_attempts=DEFAULT_MAX_ATTEMPTS,
+                 high_water=DEFAULT_HIGH_WATER, default_ttr=None, secret=None,
+                 tls_context=None, http_address=None, drain_timeout=DEFAULT_DRAIN_TIMEOUT,
+                 metrics_interval=None):
+        self.host, self.port, self.unix_path = host, port, unix_path
+        self.max_line = max_line
+        self.high_water = high_water
+        self.secret = secret
+        self.tls_context = tls_context
+        self.http_address = http_address
+        self.drain_timeout = drain_timeout
+        self.metrics_interval = metrics_interval
+        self.broker = Broker(max_attempts=max_attempts, default_ttr=default_ttr)
+        self.listeners = []
+        self.unix_inode = None
+        self.stopped = gevent.event.Event()
+        self.exit_code = 0
+
+    def metrics(self):
+        return self.broker.metrics()
+
+    def handle(self, sock, address):
+        if sock.family != socket.AF_UNIX:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        Connection(self, sock, address).serve()
+
+    # -- starting ------------------------------------------------------------
+
+    def start(self):
+        tls = {"ssl_context": self.tls_context} if self.tls_context else {}
+        tcp = gevent.server.StreamServer((self.host, self.port), self.handle, backlog=1024, **tls)
+        self.listen(tcp, "%s:%d" % (self.host, self.port))
+        self.port = tcp.server_port
+        if self.unix_path:
+            self.listen(gevent.server.StreamServer(self.unix_listener(), self.handle),
+                        self.unix_path)
+        if self.http_address:
+            from gevent.pywsgi import WSGIServer
+            http = WSGIServer(self.http_address, HttpApp(self), log=None, error_log=log)
+            self.listen(http, "http://%s:%d" % self.http_address)
+        if self.metrics_interval:
+            gevent.spawn(self.print_metrics_forever)
+        log.info("deputy %s listening on %s", __version__,
+                 ", ".join(str(listener.address) for listener in self.listeners))
+
+    def listen(self, listener, where):
+        try:
+            listener.start()
+        except OSError as exc:
+            self.close_listeners()
+            raise StartupError("cannot listen on %s: %s" % (where, exc.strerror or exc))
+        self.listeners.append(listener)
+
+    def unix_listener(self):
+        path = self.unix_path
+        remove_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(1024)
+        except OSError as exc:
+            sock.close()
+            raise StartupError("cannot listen on %s: %s" % (path, exc.strerror or exc))
+        self.unix_inode = os.stat(path).st_ino
+        sock.setblocking(False)
+        return sock
+
+    def print_metrics_forever(self):
+        while True:
+            gevent.sleep(self.metrics_interval)
+            sys.stderr.write(dumps(self.metrics()).decode() + "\n")
+            sys.stderr.flush()
+
+    # -- stopping ------------------------------------------------------------
+
+    def install_signal_handlers(self):
+        gevent.signal_handler(signal.SIGINT, self.stop)
+        gevent.signal_handler(signal.SIGTERM, self.on_sigterm)
+
+    def on_sigterm(self):
+        if self.broker.draining:
+            return self.stop()      # a second SIGTERM: at once
+        gevent.spawn(self.drain)
+
+    def drain(self):
+        """Close the listeners, refuse new jobs, let running ones finish."""
+        log.info("draining: %d jobs running", self.broker.counters.jobs_running)
+        self.close_listeners()
+        self.broker.start_draining()
+        if not self.broker.drained.wait(self.drain_timeout):
+            log.warning("drain timeout: %d jobs still running",
+                        self.broker.counters.jobs_running)
+        gevent.sleep(0.05)          # let the writers deliver the last results
+        self.stop()
+
+    def stop(self):
+        self.stopped.set()
+
+    def close_listeners(self):
+        for listener in self.listeners:
+            listener.close()
+        self.listeners = []
+        self.remove_unix_socket()
+
+    def remove_unix_socket(self):
+        """Remove our socket file, never one a newer server put there."""
+        if self.unix_inode is None:
+            return
+        try:
+            if os.stat(self.unix_path).st_ino == self.unix_inode:
+                os.unlink(self.unix_path)
+        except OSError:
+            pass
+        self.unix_inode = None
+
+    def serve_forever(self):
+        self.start()
+        self.install_signal_handlers()
+        try:
+            self.stopped.wait()
+        finally:
+            self.close_listeners()
+        return self.exit_code
+
+
+def remove_stale_socket(path):
+    """A socket file left by a dead server is replaced; a live one is not."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise StartupError("cannot use %s: %s" % (path, exc.strerror))
+    if not stat.S_ISSOCK(mode):
+        raise StartupError("%s exists and is not a socket; not replacing it" % path)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)             # nobody answers: stale
+        return
+    finally:
+        probe.close()
+    raise StartupError("another server is listening on %s" % path)
+
+
+###############################################################################
+# Command line.
+###############################################################################
+
+USAGE = """Deputy job server.
+
+Usage:
+  deputy-server [options]
+
+Options:
+  -h <ip>                   Listen on IP address [default: 127.0.0.1]
+  -p <port>                 Listen on port [default: 11746]
+  -s <path>                 Also listen on a UNIX socket.
+  -v                        Print metrics to stderr periodically.
+  --metrics-interval <sec>  Seconds between -v metrics lines [default: 5]
+  --max-line <bytes>        Longest message line accepted [default: 1048576]
+  --max-attempts <n>        Worker losses after which a job fails [default: 5]
+  --high-water <bytes>      Unsent output that pauses a connection [default: 4194304]
+  --ttr <sec>               Default time to run once a job is handed out
+                            (default: unlimited).
+  --secret <text>           Connections must first send this secret (also from
+                            the environment variable DEPUTY_SECRET).
+  --secret-file <path>      Read the secret from this file.
+  --tls-cert <file>         Speak TLS on TCP with this certificate (PEM).
+  --tls-key <file>          The private key of --tls-cert (PEM).
+  --http <[ip:]port>        Serve /metrics, /health and a status page over HTTP
+                            (ip defaults to 127.0.0.1).
+  --drain-timeout <sec>     How long SIGTERM waits for running jobs [default: 30]
+  --log-level <level>       debug, info, warning or error [default: info]
+  --help                    Show this help.
+  --version                 Show the version.
+"""
+
+
+class UsageError(Exception):
+    """A bad option value; one line for the user."""
+
+
+def parse_number(args, option, kind, low):
+    text = args[option]
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value != value or value < low or value == float("inf"):
+        raise UsageError("%s must be a %s >= %s, not %r" % (
+            option, "whole number" if kind is int else "number", low, text))
+    return value
+
+
+def parse_http_address(text):
+    host, _, port = text.rpartition(":")
+    try:
+        port = int(port)
+    except ValueError:
+        raise UsageError("--http must be [IP:]PORT, not %r" % text)
+    if not 0 <= port <= 65535:
+        raise UsageError("--http port must be 0-65535, not %d" % port)
+    return (host or DEFAULT_HOST, port)
+
+
+def read_secret(args, environ):
+    if args["--secret"] is not None and args["--secret-file"] is not None:
+        raise UsageError("give --secret or --secret-file, not both")
+    if args["--secret-file"] is not None:
+        try:
+            with open(args["--secret-file"], encoding="utf-8") as f:
+                secret = f.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError("cannot read --secret-file: %s" % getattr(exc, "strerror", exc))
+    elif args["--secret"] is not None:
+        secret = args["--secret"]
+    else:
+        secret = environ.get("DEPUTY_SECRET") or None
+    if secret is not None and not secret:
+        raise UsageError("the secret is empty")
+    return secret
+
+
+def tls_context(args):
+    cert, key = args["--tls-cert"], args["--tls-key"]
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise UsageError("--tls-cert and --tls-key go together")
+    import ssl
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError("cannot load the TLS certificate: %s" % (getattr(exc, "strerror", None)
+                                                                  or exc))
+    return context
+
+
+def server_from_args(args, environ):
+    level = args["--log-level"].upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise UsageError("--log-level must be debug, info, warning or error")
+    logging.basicConfig(level=level, format="%(asctime)s deputy %(levelname)s %(message)s")
+    port = parse_number(args, "-p", int, 0)
+    if port > 65535:
+        raise UsageError("-p must be a port number 0-65535, not %d" % port)
+    return Server(
+        host=args["-h"], port=port, unix_path=args["-s"],
+        max_line=parse_number(args, "--max-line", int, 1),
+        max_attempts=parse_number(args, "--max-attempts", int, 1),
+        high_water=parse_number(args, "--high-water", int, 1),
+        default_ttr=parse_number(args, "--ttr", float, 1e-9) if args["--ttr"] else None,
+        secret=read_secret(args, environ),
+        tls_context=tls_context(args),
+        http_address=parse_http_address(args["--http"]) if args["--http"] else None,
+        drain_timeout=parse_number(args, "--drain-timeout", float, 0),
+        metrics_interval=(parse_number(args, "--metrics-interval", float, 0.001)
+                          if args["-v"] else None))
+
+
+def main(argv=None, environ=os.environ):
+    from docopt import DocoptExit, docopt
+    argv = sys.argv[1:] if argv is None else argv
+    if "--help" in argv:
+        print(USAGE.strip())
+        return 0
+    if "--version" in argv:
+        print("deputy-server %s" % __version__)
+        return 0
+    try:
+        args = docopt(USAGE, argv, default_help=False)
+        server = server_from_args(args, environ)
+        return server.serve_forever()
+    except DocoptExit:
+        return fail("bad command line %r (see deputy-server --help)" % " ".join(argv))
+    except (UsageError, StartupError) as exc:
+        return fail(str(exc))
+
+
+def fail(text):
+    sys.stderr.write("deputy-server: %s\n" % text)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
