@@ -1,0 +1,330 @@
+"""Unit tests of the broker alone, driven through fake connections."""
+import gevent
+import orjson
+import pytest
+
+from deputy_server import Broker, ProtocolError, Submission
+
+
+class FakeLink:
+    """Records what the broker sends to one connection."""
+
+    def __init__(self):
+        self.sent = []
+        self.closed = False
+
+    def send(self, data):
+        assert data.endswith(b"\r\n")
+        self.sent.append(orjson.loads(data))
+
+    def close(self):
+        self.closed = True
+
+    def take(self):
+        sent, self.sent = self.sent, []
+        return sent
+
+
+def sub(id, type="echo", arg=None, **options):
+    s = Submission()
+    s.id, s.type, s.arg_json = id, type, orjson.dumps(arg)
+    s.priority = options.get("priority", 0)
+    s.bg = options.get("bg", False)
+    s.unique = options.get("unique")
+    s.ttr = options.get("ttr")
+    s.timeout = options.get("timeout")
+    return s
+
+
+@pytest.fixture
+def broker():
+    return Broker(max_attempts=3)
+
+
+def peer(broker):
+    link = FakeLink()
+    return broker.connect(link), link
+
+
+def worker(broker, types=("echo",), capacity=None):
+    p, link = peer(broker)
+    broker.can_do(p, list(types), capacity)
+    return p, link
+
+
+def test_jobs_of_one_type_go_out_in_submission_order(broker):
+    client, _ = peer(broker)
+    for i in range(5):
+        broker.submit(client, sub(i, arg=i))
+    w, wl = worker(broker, capacity=5)
+    assert [m["arg"] for m in wl.take()] == [0, 1, 2, 3, 4]
+
+
+def test_a_job_goes_to_the_worker_waiting_longest(broker):
+    first, first_link = worker(broker)
+    second, second_link = worker(broker)
+    client, _ = peer(broker)
+    broker.submit(client, sub(1))
+    assert len(first_link.take()) == 1 and second_link.take() == []
+    broker.submit(client, sub(2))
+    assert len(second_link.take()) == 1
+
+
+def test_capacity_limits_jobs_held_and_the_latest_value_wins(broker):
+    w, wl = worker(broker, capacity=2)
+    client, cl = peer(broker)
+    for i in range(4):
+        broker.submit(client, sub(i))
+    handed = wl.take()
+    assert len(handed) == 2
+    broker.can_do(w, [], capacity=3)
+    assert len(wl.take()) == 1
+    broker.did(w, handed[0]["id"], b"1", None)
+    assert len(wl.take()) == 1
+    assert cl.take() == [{"cmd": "did", "id": 0, "res": 1}]
+
+
+def test_result_goes_to_the_submitter_under_its_own_id(broker):
+    w, wl = worker(broker)
+    client, cl = peer(broker)
+    broker.submit(client, sub("mine", arg={"a": 1}))
+    job = wl.take()[0]
+    assert job["arg"] == {"a": 1} and job["type"] == "echo"
+    broker.did(w, job["id"], b'"ok"', None)
+    assert cl.take() == [{"cmd": "did", "id": "mine", "res": "ok"}]
+    broker.submit(client, sub("mine"))      # the id is free again
+
+
+def test_duplicate_unfinished_id_is_refused_and_the_first_job_stays(broker):
+    client, cl = peer(broker)
+    broker.submit(client, sub(7, arg="first"))
+    with pytest.raises(ProtocolError) as refused:
+        broker.submit(client, sub(7, arg="second"))
+    assert refused.value.id == 7
+    w, wl = worker(broker, capacity=2)
+    assert [m["arg"] for m in wl.take()] == ["first"]
+
+
+def test_did_for_a_job_not_held_changes_nothing(broker):
+    w, wl = worker(broker)
+    thief, _ = worker(broker, types=("other",))
+    client, cl = peer(broker)
+    broker.submit(client, sub(1))
+    wid = wl.take()[0]["id"]
+    with pytest.raises(ProtocolError) as refused:
+        broker.did(thief, wid, b"1", None)
+    assert refused.value.id == wid
+    assert cl.take() == []
+    broker.did(w, wid, b"2", None)
+    assert cl.take() == [{"cmd": "did", "id": 1, "res": 2}]
+
+
+def test_lost_worker_jobs_go_back_to_the_front_in_order(broker):
+    client, cl = peer(broker)
+    for i in range(4):
+        broker.submit(client, sub(i, arg=i))
+    w, wl = worker(broker, capacity=2)
+    assert [m["arg"] for m in wl.take()] == [0, 1]
+    broker.disconnect(w)
+    assert broker.counters.jobs_reassigned == 2
+    other, ol = worker(broker, capacity=4)
+    assert [m["arg"] for m in ol.take()] == [0, 1, 2, 3]
+
+
+def test_a_job_lost_max_attempts_times_fails(broker):
+    client, cl = peer(broker)
+    broker.submit(client, sub("x"))
+    for attempt in range(3):
+        w, wl = worker(broker)
+        assert len(wl.take()) == 1
+        broker.disconnect(w)
+    reply = cl.take()
+    assert len(reply) == 1 and reply[0]["id"] == "x" and "lost 3 times" in reply[0]["err"]
+    assert broker.counters.jobs_queued == 0 and broker.counters.jobs_failed == 1
+
+
+def test_lost_submitter_queued_jobs_are_dropped_and_results_discarded(broker):
+    client, cl = peer(broker)
+    w, wl = worker(broker)
+    broker.submit(client, sub(1))
+    broker.submit(client, sub(2))
+    wid = wl.take()[0]["id"]
+    broker.disconnect(client)
+    assert broker.counters.jobs_abandoned == 2
+    assert broker.counters.jobs_queued == 0
+    broker.did(w, wid, b"1", None)          # accepted, delivered to nobody
+    assert wl.take() == [] and cl.take() == []
+    assert broker.kinds["echo"].stats()["idle"] == 1
+
+
+def test_paused_submitter_jobs_wait_and_others_go_first(broker):
+    slow, sl = peer(broker)
+    fast, fl = peer(broker)
+    broker.submit(slow, sub("s1"))
+    broker.submit(fast, sub("f1"))
+    broker.pause(slow)
+    w, wl = worker(broker)
+    job = wl.take()[0]
+    broker.did(w, job["id"], b"1", None)
+    assert fl.take() == [{"cmd": "did", "id": "f1", "res": 1}]
+    assert wl.take() == []                  # s1 is held back
+    broker.resume(slow)
+    assert len(wl.take()) == 1
+
+
+def test_paused_worker_gets_no_job_until_resumed(broker):
+    w, wl = worker(broker)
+    broker.pause(w)
+    client, _ = peer(broker)
+    broker.submit(client, sub(1))
+    assert wl.take() == []
+    broker.resume(w)
+    assert len(wl.take()) == 1
+
+
+def test_higher_priority_first_fifo_within_and_requeue_to_front_of_own_priority(broker):
+    client, _ = peer(broker)
+    broker.submit(client, sub("low", priority=-1))
+    broker.submit(client, sub("a", priority=5))
+    broker.submit(client, sub("b", priority=5))
+    broker.submit(client, sub("mid"))
+    w, wl = worker(broker)
+    first = wl.take()[0]
+    assert first["arg"] is None
+    broker.disconnect(w)
+    w2, wl2 = worker(broker, capacity=4)
+    jobs = [w2.held[m["id"]].owner_id for m in wl2.take()]
+    assert jobs == ["a", "b", "mid", "low"]
+
+
+def test_unique_submissions_share_one_execution(broker):
+    a, al = peer(broker)
+    b, bl = peer(broker)
+    broker.submit(a, sub(1, unique="k", arg="first"))
+    broker.submit(b, sub(9, unique="k", arg="second"))
+    assert broker.counters.jobs_coalesced == 1
+    w, wl = worker(broker, capacity=2)
+    handed = wl.take()
+    assert [m["arg"] for m in handed] == ["first"]
+    broker.did(w, handed[0]["id"], b'"r"', None)
+    assert al.take() == [{"cmd": "did", "id": 1, "res": "r"}]
+    assert bl.take() == [{"cmd": "did", "id": 9, "res": "r"}]
+
+
+def test_a_joined_submitter_leaving_does_not_cancel_for_the_others(broker):
+    a, al = peer(broker)
+    b, bl = peer(broker)
+    w, wl = worker(broker)
+    broker.submit(a, sub(1, unique="k"))
+    broker.submit(b, sub(2, unique="k"))
+    wid = wl.take()[0]["id"]
+    broker.disconnect(a)
+    broker.did(w, wid, b"5", None)
+    assert bl.take() == [{"cmd": "did", "id": 2, "res": 5}]
+
+
+def test_cancel_of_a_running_job_tells_the_worker_and_frees_its_slot(broker):
+    client, cl = peer(broker)
+    w, wl = worker(broker)
+    broker.submit(client, sub(1))
+    broker.submit(client, sub(2))
+    wid = wl.take()[0]["id"]
+    broker.cancel(client, 1)
+    sent = wl.take()
+    assert sent[0] == {"cmd": "cancel", "id": wid}
+    assert sent[1]["cmd"] == "do"           # slot freed: the next job
+    assert cl.take() == [{"cmd": "did", "id": 1, "err": "cancelled"}]
+    with pytest.raises(ProtocolError):
+        broker.did(w, wid, b"1", None)
+
+
+def test_ttr_takes_a_job_back_and_a_late_did_is_refused(broker):
+    client, cl = peer(broker)
+    w, wl = worker(broker)
+    broker.submit(client, sub(1, ttr=0.01))
+    wid = wl.take()[0]["id"]
+    gevent.sleep(0.05)
+    sent = wl.take()
+    assert sent[0] == {"cmd": "cancel", "id": wid}
+    assert sent[1]["cmd"] == "do" and sent[1]["id"] != wid
+    with pytest.raises(ProtocolError):
+        broker.did(w, wid, b"1", None)
+    assert broker.counters.jobs_reassigned >= 1
+    broker.disconnect(w)                    # no more hand-outs to time out
+    assert cl.take() == []
+
+
+def test_timeout_answers_the_submitter_and_drops_the_job(broker):
+    client, cl = peer(broker)
+    broker.submit(client, sub(1, timeout=0.01))
+    gevent.sleep(0.05)
+    assert cl.take() == [{"cmd": "did", "id": 1, "err": "timeout"}]
+    w, wl = worker(broker)
+    assert wl.take() == []
+    assert broker.counters.jobs_timed_out == 1 and broker.counters.jobs_queued == 0
+
+
+def test_background_job_is_acknowledged_and_survives_its_submitter(broker):
+    client, cl = peer(broker)
+    broker.submit(client, sub(1, bg=True))
+    assert cl.take() == [{"cmd": "queued", "id": 1}]
+    broker.submit(client, sub(1, bg=True))  # the id is free again
+    broker.disconnect(client)
+    w, wl = worker(broker, capacity=2)
+    handed = wl.take()
+    assert len(handed) == 2
+    broker.did(w, handed[0]["id"], b"1", None)
+    assert broker.counters.jobs_done == 1
+
+
+def test_release_puts_the_job_back_without_counting_an_attempt(broker):
+    client, cl = peer(broker)
+    w, wl = worker(broker)
+    other, ol = worker(broker, types=("echo",))
+    broker.submit(client, sub(1))
+    broker.submit(client, sub(2))
+    broker.submit(client, sub(3))
+    wid = wl.take()[0]["id"]
+    ol.take()
+    broker.release(w, wid)
+    assert broker.counters.jobs_released == 1 and broker.counters.jobs_reassigned == 0
+    again = wl.take()
+    assert len(again) == 1 and again[0]["id"] != wid
+
+
+def test_draining_refuses_new_jobs_and_hands_out_none(broker):
+    client, cl = peer(broker)
+    w, wl = worker(broker)
+    broker.submit(client, sub(1))
+    broker.submit(client, sub(2))
+    wid = wl.take()[0]["id"]
+    broker.start_draining()
+    with pytest.raises(ProtocolError) as refused:
+        broker.submit(client, sub(3))
+    assert refused.value.text == "draining" and refused.value.id == 3
+    assert not broker.drained.is_set()
+    broker.did(w, wid, b"1", None)
+    assert wl.take() == []
+    assert broker.drained.is_set()
+
+
+def test_dead_queue_entries_are_compacted(broker):
+    client, _ = peer(broker)
+    for i in range(3000):
+        broker.submit(client, sub(i))
+    broker.disconnect(client)
+    queue = broker.kinds["echo"].queue
+    assert sum(len(jobs) for jobs in queue.by_priority.values()) < 3000
+    w, wl = worker(broker)
+    assert wl.take() == []
+
+
+def test_metrics_count_types_seen(broker):
+    client, _ = peer(broker)
+    broker.submit(client, sub(1, type="resize"))
+    w, wl = worker(broker, types=("thumb",))
+    m = broker.metrics()
+    assert m["types"]["resize"]["queued"] == 1
+    assert m["types"]["thumb"] == {"queued": 0, "running": 0, "workers": 1, "idle": 1,
+                                   "done": 0, "failed": 0}
+    assert m["workers"] == 1 and m["connections_open"] == 2
