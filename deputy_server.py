@@ -51,7 +51,8 @@ DEFAULT_MAX_ATTEMPTS = 5                 # worker losses before a job fails
 DEFAULT_METRICS_INTERVAL = 5.0           # seconds between -v metrics lines
 DEFAULT_HIGH_WATER = 4 * 1024 * 1024     # unsent bytes before a connection is paused
 DEFAULT_DRAIN_TIMEOUT = 30.0             # seconds SIGTERM waits for running jobs
-RECV_SIZE = 256 * 1024                   # one read: many pipelined lines at once
+RECV_SIZE = 256 * 1024                  # one read: many pipelined lines at once
+YIELD_AFTER_LINES = 64                  # a batch this big yields to other connections
 CLOSE_FLUSH_TIMEOUT = 5.0                # seconds to flush a goodbye before closing
 
 log = logging.getLogger("deputy")
@@ -92,6 +93,11 @@ def encode_error(text, id=NO_ID):
     return encode({"cmd": "error", "error": text, "id": id})
 
 
+def reply_prefix(sub_id):
+    """The start of a submitter's `did`, up to its id, as a right-sized copy."""
+    return b'{"cmd":"did","id":' + dumps(sub_id)
+
+
 def encode_cancel(wid):
     return b'{"cmd":"cancel","id":%d}\r\n' % wid
 
@@ -105,13 +111,34 @@ def decode_line(line):
     try:
         msg = loads(line)
     except JSONDecodeError as exc:
-        raise ProtocolError("invalid JSON: %s" % exc)
+        raise ProtocolError("invalid JSON or a number Deputy cannot carry exactly: %s" % exc,
+                            salvage_id(line))
     if type(msg) is not dict:
         raise ProtocolError("a message must be a JSON object")
     cmd = msg.get("cmd")
     if type(cmd) is not str:
         raise ProtocolError('a message needs a string "cmd"', msg.get("id", NO_ID))
     return cmd, msg
+
+
+def _small_int(text):
+    return int(text) if len(text) < 20 else None
+
+
+def salvage_id(line):
+    """The id of a line orjson refused, when a laxer parser finds one (say the
+    line is valid JSON with a number too big for a double), so the error can
+    carry it. Only on the error path."""
+    try:
+        msg = json.loads(line, parse_int=_small_int, parse_float=lambda text: None,
+                         parse_constant=lambda text: None)
+    except (ValueError, RecursionError):
+        return NO_ID
+    if type(msg) is dict:
+        value = msg.get("id")
+        if type(value) is str or type(value) is int:
+            return value
+    return NO_ID
 
 
 def may_hold_big_int(value):
@@ -278,18 +305,20 @@ class Job:
     """One unit of work. `owner` gets the result (None for a background
     job); `joined` are further submitters coalesced onto it by `unique`."""
 
-    __slots__ = ("seq", "kind", "arg_json", "priority", "owner", "owner_id", "owner_id_json",
+    __slots__ = ("seq", "kind", "arg_tail", "priority", "owner", "owner_id", "owner_reply",
                  "joined", "bg", "unique", "ttr", "state", "worker", "wid", "attempts",
                  "ttr_timer")
 
     def __init__(self, seq, kind, sub, owner):
         self.seq = seq
         self.kind = kind
-        self.arg_json = sub.arg_json
+        # Concatenation also copies orjson's output into a right-sized object:
+        # orjson.dumps returns bytes that keep a 4 KiB buffer each.
+        self.arg_tail = sub.arg_json + b"}\r\n"     # the worker's `do` after "arg":
         self.priority = sub.priority
         self.owner = owner
         self.owner_id = sub.id
-        self.owner_id_json = dumps(sub.id) if owner is not None else None
+        self.owner_reply = reply_prefix(sub.id) if owner is not None else None
         self.joined = None
         self.bg = sub.bg
         self.unique = sub.unique
@@ -301,8 +330,8 @@ class Job:
         self.ttr_timer = None
 
     def submitters(self):
-        """(peer, id, id_json) for everyone waiting for this job's result."""
-        found = [] if self.owner is None else [(self.owner, self.owner_id, self.owner_id_json)]
+        """(peer, id, reply prefix) for everyone waiting for this job's result."""
+        found = [] if self.owner is None else [(self.owner, self.owner_id, self.owner_reply)]
         if self.joined:
             found.extend(self.joined)
         return found
@@ -574,8 +603,7 @@ class Broker:
         peer.held[wid] = job
         if job.ttr is not None:
             job.ttr_timer = self.start_timer(job.ttr, self.ttr_expired, job, wid)
-        peer.send(b"".join((b'{"cmd":"do","id":', b"%d" % wid, kind.do_prefix, job.arg_json,
-                            b"}\r\n")))
+        peer.send(b"".join((b'{"cmd":"do","id":', b"%d" % wid, kind.do_prefix, job.arg_tail)))
         if len(peer.held) >= peer.capacity:
             for other in peer.kinds:
                 other.idle.pop(peer, None)
@@ -642,7 +670,7 @@ class Broker:
             return
         if job.joined is None:
             job.joined = []
-        job.joined.append((peer, sub.id, dumps(sub.id)))
+        job.joined.append((peer, sub.id, reply_prefix(sub.id)))
         peer.jobs[sub.id] = job
         if sub.timeout is not None:
             self.start_deadline(peer, sub.id, sub.timeout)
@@ -730,7 +758,7 @@ class Broker:
         if err is None:
             self.counters.jobs_done += 1
             job.kind.done += 1
-            self.deliver(job, b',"res":' + res_json + b"}\r\n")
+            self.deliver(job, b',"res":', res_json)
         else:
             self.fail(job, err)
         self.worker_ready(peer)
@@ -739,19 +767,19 @@ class Broker:
         job.state = FINISHED
         self.counters.jobs_failed += 1
         job.kind.failed += 1
-        self.deliver(job, b',"err":' + dumps(err) + b"}\r\n")
+        self.deliver(job, b',"err":', dumps(err))
 
-    def deliver(self, job, tail):
+    def deliver(self, job, field, value_json):
         """Send every waiting submitter its `did`, under its own id."""
         self.forget(job)
         owner = job.owner
         if owner is not None:
             self.answered(owner, job.owner_id)
-            owner.send(b"".join((b'{"cmd":"did","id":', job.owner_id_json, tail)))
+            owner.send(b"".join((job.owner_reply, field, value_json, b"}\r\n")))
         if job.joined:
-            for peer, sub_id, id_json in job.joined:
+            for peer, sub_id, prefix in job.joined:
                 self.answered(peer, sub_id)
-                peer.send(b"".join((b'{"cmd":"did","id":', id_json, tail)))
+                peer.send(b"".join((prefix, field, value_json, b"}\r\n")))
 
     def answered(self, peer, sub_id):
         del peer.jobs[sub_id]
@@ -760,9 +788,9 @@ class Broker:
 
     def progress(self, peer, wid, data_json):
         job = self.held_job(peer, wid)
-        for sub_peer, _, id_json in job.submitters():
-            sub_peer.send(b"".join((b'{"cmd":"progress","id":', id_json, b',"data":', data_json,
-                                    b"}\r\n")))
+        for sub_peer, sub_id, _ in job.submitters():
+            sub_peer.send(b"".join((b'{"cmd":"progress","id":', dumps(sub_id), b',"data":',
+                                    data_json, b"}\r\n")))
 
     def release(self, peer, wid):
         """A worker gives a job back undone: not a lost attempt."""
@@ -893,7 +921,13 @@ def format_address(address):
 
 
 class Connection:
-    """One client socket, from accept to close."""
+    """One client socket, from accept to close.
+
+    Writes: send() only appends to a list. Once per turn of the event loop a
+    hub callback hands everything queued to the kernel in one non-blocking
+    send, without a greenlet switch; only when the kernel's buffer is full
+    does the writer greenlet take over and wait for the socket (TLS sockets
+    always use the writer greenlet)."""
 
     def __init__(self, server, sock, address):
         self.server = server
@@ -902,8 +936,13 @@ class Connection:
         self.name = format_address(address)
         self.max_line = server.max_line
         self.high_water = server.high_water
-        self.out = []               # bytes not yet given to the socket
-        self.out_bytes = 0          # ... plus those being sent now
+        self.out = []               # bytes not yet given to the kernel
+        self.out_bytes = 0          # their total
+        self.flush_scheduled = False
+        self.writer_owns_socket = False
+        raw = getattr(sock, "_sock", None)
+        self.raw_send = raw.send if isinstance(raw, socket.socket) else None
+        self.run_callback = gevent.get_hub().loop.run_callback
         self.wake_writer = gevent.event.Event()
         self.may_read = gevent.event.Event()
         self.may_read.set()
@@ -925,12 +964,14 @@ class Connection:
     # -- the broker's interface ----------------------------------------------
 
     def send(self, data):
-        """Queue bytes for the writer; never blocks."""
+        """Queue bytes for the socket; never blocks."""
         self.out.append(data)
         self.out_bytes += len(data)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            self.run_callback(self.flush)
         if self.out_bytes > self.high_water and not self.peer.paused:
             self.pause()
-        self.wake_writer.set()
 
     def close(self):
         self.closing = True
@@ -990,6 +1031,13 @@ class Connection:
                 if partial_len > self.max_line + 1:
                     return self.line_too_long()
             self.handle_lines(lines)
+            if len(lines) >= YIELD_AFTER_LINES:
+                self.yield_to_others()
+    def yield_to_others(self):
+        """recv returns at once while data keeps coming, and gevent.sleep(0)
+        does not poll for I/O: waiting for our socket through the event loop
+        lets every other ready connection have its turn first."""
+        gevent.socket.wait_read(self.sock.fileno())
 
     def handle_lines(self, lines):
         handlers = self.handlers
@@ -1012,6 +1060,8 @@ class Connection:
                 self.refuse(self.explain(line))
             if self.closing:
                 return
+            if self.peer.paused:        # replies to this very batch filled the buffer
+                self.may_read.wait()
             handlers = self.handlers    # auth swaps them
 
     def explain(self, line):
@@ -1086,8 +1136,36 @@ class Connection:
 
     # -- writing -------------------------------------------------------------
 
+    def flush(self):
+        """Runs in the hub once per loop turn: everything queued, one send."""
+        self.flush_scheduled = False
+        if self.writer_owns_socket or not self.out:
+            return
+        if self.raw_send is None:
+            return self.hand_to_writer()
+        out = self.out
+        data = out[0] if len(out) == 1 else b"".join(out)
+        try:
+            sent = self.raw_send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return self.broken()
+        self.out_bytes -= sent
+        if sent == len(data):
+            self.out = []
+            if self.peer.paused and self.out_bytes <= self.high_water // 2:
+                self.resume()
+        else:
+            self.out = [data[sent:]]
+            self.hand_to_writer()
+
+    def hand_to_writer(self):
+        self.writer_owns_socket = True
+        self.wake_writer.set()
+
     def write_loop(self):
-        """Everything sent since the last write goes out in one sendall."""
+        """Sends what flush() could not, waiting for the socket to drain."""
         wait, clear = self.wake_writer.wait, self.wake_writer.clear
         sendall = self.sock.sendall
         try:
@@ -1102,15 +1180,21 @@ class Connection:
                     self.out_bytes -= len(data)
                     if self.peer.paused and self.out_bytes <= self.high_water // 2:
                         self.resume()
+                self.writer_owns_socket = False
         except OSError:
-            self.out = []
-            self.out_bytes = 0
-            self.close()
-            self.sock.close()       # wakes the reader if it waits in recv
+            self.broken()
+
+    def broken(self):
+        """The peer is gone for writing: drop its output, end the connection."""
+        self.out = []
+        self.out_bytes = 0
+        self.writer_owns_socket = True      # nothing more to send
+        self.close()
+        self.sock.close()                   # wakes the reader if it waits in recv
 
     def flush_before_close(self):
         with gevent.Timeout(CLOSE_FLUSH_TIMEOUT, False):
-            while self.out_bytes > 0 and not self.sock.closed:
+            while (self.out or self.writer_owns_socket) and not self.sock.closed:
                 gevent.sleep(0.005)
 
 
@@ -1531,6 +1615,7 @@ def server_from_args(args, environ):
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise UsageError("--log-level must be debug, info, warning or error")
     logging.basicConfig(level=level, format="%(asctime)s deputy %(levelname)s %(message)s")
+    interval = parse_number(args, "--metrics-interval", float, 0.001)
     port = parse_number(args, "-p", int, 0)
     if port > 65535:
         raise UsageError("-p must be a port number 0-65535, not %d" % port)
@@ -1544,8 +1629,7 @@ def server_from_args(args, environ):
         tls_context=tls_context(args),
         http_address=parse_http_address(args["--http"]) if args["--http"] else None,
         drain_timeout=parse_number(args, "--drain-timeout", float, 0),
-        metrics_interval=(parse_number(args, "--metrics-interval", float, 0.001)
-                          if args["-v"] else None))
+        metrics_interval=interval if args["-v"] else None)
 
 
 def main(argv=None, environ=os.environ):
