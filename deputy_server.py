@@ -263,7 +263,7 @@ def parse_do(msg, line):
     sub.id = id = field_id(msg)
     sub.type = field_type(msg, id)
     sub.arg_json = encode_payload(msg, "arg", line)
-    if len(msg) == 4:      # cmd, id, type, arg: the common case has no options
+    if len(msg) == 3 + ("arg" in msg):     # cmd, id, type[, arg]: no options
         sub.priority, sub.bg, sub.unique, sub.ttr, sub.timeout = 0, False, None, None, None
         return sub
     sub.priority = field_optional(msg, "priority", int, 0, id)
