@@ -941,7 +941,8 @@ class Connection:
         self.flush_scheduled = False
         self.writer_owns_socket = False
         raw = getattr(sock, "_sock", None)
-        self.raw_send = raw.send if isinstance(raw, socket.socket) else None
+        plain = isinstance(raw, socket.socket) and not hasattr(sock, "getpeercert")  # not TLS
+        self.raw_send = raw.send if plain else None
         self.run_callback = gevent.get_hub().loop.run_callback
         self.wake_writer = gevent.event.Event()
         self.may_read = gevent.event.Event()
@@ -1394,13 +1395,25 @@ class Server:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         Connection(self, sock, address).serve()
 
+    def handle_tls(self, sock, address):
+        """The handshake runs in the connection's own greenlet; a failed one
+        (plain text, an untrusted client) is logged once, not a traceback."""
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            tls_sock = self.tls_context.wrap_socket(sock, server_side=True)
+        except OSError as exc:      # ssl.SSLError is an OSError
+            log.info("%s: TLS handshake failed: %s", format_address(address), exc)
+            sock.close()
+            return
+        try:
+            Connection(self, tls_sock, address).serve()
+        finally:
+            tls_sock.close()
+
     # -- starting ------------------------------------------------------------
 
     def start(self):
-        tls = {"ssl_context": self.tls_context} if self.tls_context else {}
-        tcp = gevent.server.StreamServer((self.host, self.port), self.handle, backlog=1024, **tls)
-        self.listen(tcp, "%s:%d" % (self.host, self.port))
-        self.port = tcp.server_port
+        """TCP last: once it accepts, every other listener is up too."""
         if self.unix_path:
             self.listen(gevent.server.StreamServer(self.unix_listener(), self.handle),
                         self.unix_path)
@@ -1408,6 +1421,10 @@ class Server:
             from gevent.pywsgi import WSGIServer
             http = WSGIServer(self.http_address, HttpApp(self), log=None, error_log=log)
             self.listen(http, "http://%s:%d" % self.http_address)
+        handle = self.handle_tls if self.tls_context else self.handle
+        tcp = gevent.server.StreamServer((self.host, self.port), handle, backlog=1024)
+        self.listen(tcp, "%s:%d" % (self.host, self.port))
+        self.port = tcp.server_port
         if self.metrics_interval:
             gevent.spawn(self.print_metrics_forever)
         log.info("deputy %s listening on %s", __version__,
@@ -1601,7 +1618,8 @@ def tls_context(args):
     if cert is None or key is None:
         raise UsageError("--tls-cert and --tls-key go together")
     import ssl
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    import gevent.ssl
+    context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)   # gevent's: handshakes yield
     try:
         context.load_cert_chain(cert, key)
     except (OSError, ssl.SSLError) as exc:

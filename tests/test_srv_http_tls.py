@@ -1,0 +1,213 @@
+"""SPEC 8: TLS on the TCP listener, and --http: Prometheus /metrics,
+/health and the self-updating status page (in a real headless Chromium)."""
+import os
+import shutil
+import socket
+import ssl
+import threading
+import time
+import urllib.request
+
+import orjson
+import pytest
+
+from conftest import RawConn, free_port
+
+trustme = pytest.importorskip("trustme")
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    folder = tmp_path_factory.mktemp("tls")
+    cert_file, key_file, ca_file = (str(folder / n) for n in ("cert.pem", "key.pem", "ca.pem"))
+    cert.private_key_and_cert_chain_pem.write_to_path(cert_file)
+    cert.private_key_pem.write_to_path(key_file)
+    ca.cert_pem.write_to_path(ca_file)
+    return cert_file, key_file, ca_file
+
+
+class TlsConn(RawConn):
+    def __init__(self, port, context, server_hostname="localhost"):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock = context.wrap_socket(raw, server_hostname=server_hostname)
+        self.timeout = 5
+        self.buf = b""
+
+
+def roundtrip(submitter, worker):
+    worker.send({"cmd": "can_do", "types": ["tls"]})
+    submitter.send({"cmd": "do", "id": "a", "type": "tls", "arg": {"x": "é"}})
+    job = worker.expect("do")
+    worker.send({"cmd": "did", "id": job["id"], "res": job["arg"]})
+    submitter.expect("did", id="a", res={"x": "é"})
+
+
+def test_tls_listener_serves_jobs_to_verified_clients(start_server, tls_files):
+    cert, key, ca = tls_files
+    srv = start_server("--tls-cert", cert, "--tls-key", key)
+    context = ssl.create_default_context(cafile=ca)
+    roundtrip(TlsConn(srv.port, context), TlsConn(srv.port, context))
+
+
+def test_tls_client_refuses_an_unknown_certificate(start_server, tls_files):
+    cert, key, _ = tls_files
+    srv = start_server("--tls-cert", cert, "--tls-key", key)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        TlsConn(srv.port, ssl.create_default_context())
+
+
+def test_plain_text_on_a_tls_listener_gets_nothing_and_harms_nothing(start_server, tls_files):
+    cert, key, ca = tls_files
+    srv = start_server("--tls-cert", cert, "--tls-key", key)
+    plain = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    plain.sendall(b'{"cmd":"metrics"}\r\n')
+    try:
+        reply = plain.recv(65536)
+    except (ConnectionResetError, socket.timeout):
+        reply = b""
+    assert b'"metrics"' not in reply
+    plain.close()
+    context = ssl.create_default_context(cafile=ca)
+    roundtrip(TlsConn(srv.port, context), TlsConn(srv.port, context))
+
+
+def test_tls_needs_both_files_and_readable_ones(start_server, tls_files, tmp_path):
+    import subprocess
+    import sys
+    from conftest import SERVER
+    cert, key, _ = tls_files
+    for args in (["--tls-cert", cert], ["--tls-cert", cert, "--tls-key", str(tmp_path / "none")]):
+        proc = subprocess.run([sys.executable, SERVER, "-p", str(free_port())] + args,
+                              capture_output=True, timeout=20)
+        assert proc.returncode != 0
+        lines = proc.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr.decode(), lines
+
+
+# -- HTTP ----------------------------------------------------------------------
+
+def http_get(port, path):
+    with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=5) as reply:
+        return reply.status, reply.headers.get("Content-Type"), reply.read().decode()
+
+
+@pytest.fixture
+def http_server(start_server):
+    http_port = free_port()
+    srv = start_server("--http", str(http_port))
+    srv.http_port = http_port
+    return srv
+
+
+def run_jobs(srv, type_name, count, result="ok"):
+    worker, client = srv.connect(), srv.connect()
+    worker.send({"cmd": "can_do", "types": [type_name]})
+    worker.metrics()
+    for i in range(count):
+        client.send({"cmd": "do", "id": i, "type": type_name, "arg": i})
+        job = worker.expect("do")
+        worker.send({"cmd": "did", "id": job["id"], "res": result})
+        client.expect("did", id=i)
+    return worker, client
+
+
+def test_prometheus_metrics_parse_and_carry_per_type_labels(http_server):
+    from prometheus_client.parser import text_string_to_metric_families
+    worker, client = run_jobs(http_server, 'we"ird\\type', 3)
+    client.send({"cmd": "do", "id": "q", "type": "queued-only", "arg": None})
+    client.metrics()
+    status, content_type, body = http_get(http_server.http_port, "/metrics")
+    assert status == 200 and content_type.startswith("text/plain")
+    samples = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert samples[("deputy_jobs_done_total", ())] == 3
+    assert samples[("deputy_jobs_queued", ())] == 1
+    assert samples[("deputy_workers", ())] == 1
+    assert samples[("deputy_type_done_total", (("type", 'we"ird\\type'),))] == 3
+    assert samples[("deputy_type_queued", (("type", "queued-only"),))] == 1
+    assert samples[("deputy_type_idle", (("type", 'we"ird\\type'),))] == 1
+
+
+def test_health_and_unknown_paths(http_server):
+    assert http_get(http_server.http_port, "/health")[:1] == (200,)
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        http_get(http_server.http_port, "/nope")
+    assert missing.value.code == 404
+
+
+def test_status_page_is_self_contained(http_server):
+    status, content_type, body = http_get(http_server.http_port, "/")
+    assert status == 200 and content_type.startswith("text/html")
+    lowered = body.lower()
+    for outside in ("src=\"http", "href=\"http", "@import", "src='http", "//cdn"):
+        assert outside not in lowered
+    data = orjson.loads(http_get(http_server.http_port, "/status.json")[2])
+    assert set(data["metrics"]) >= {"jobs_done", "types"}
+
+
+def test_secret_is_never_in_metrics_or_http(start_server):
+    http_port = free_port()
+    srv = start_server("--http", str(http_port), "--secret", "s3cr3t-value")
+    conn = srv.connect()
+    conn.send({"cmd": "auth", "secret": "s3cr3t-value"})
+    conn.expect("auth", ok=True)
+    assert "s3cr3t-value" not in orjson.dumps(conn.metrics()).decode()
+    for path in ("/metrics", "/", "/status.json", "/health"):
+        assert "s3cr3t-value" not in http_get(http_port, path)[2]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs Debian's chromium and "
+                    "chromium-driver (.ci/run installs them)")
+def test_status_page_updates_itself_in_a_real_browser(http_server, tmp_path):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync",
+                 "--user-data-dir=%s" % (tmp_path / "profile")):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        browser.set_page_load_timeout(20)
+        browser.get("http://127.0.0.1:%d/" % http_server.http_port)
+
+        def cell(type_name, column):
+            rows = browser.find_elements(By.CSS_SELECTOR, 'tr[data-type="%s"] td' % type_name)
+            return rows[column].text if rows else None
+
+        def wait_for(predicate, what, timeout=10):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                value = predicate()
+                if value:
+                    return value
+                time.sleep(0.1)
+            raise AssertionError("the page never showed " + what)
+
+        wait_for(lambda: browser.find_element(By.ID, "state").text == "live", "live")
+        assert cell("browser", 0) is None
+        # Jobs run while the page stays open: it shows them without a reload.
+        worker, client = run_jobs(http_server, "browser", 5)
+        wait_for(lambda: cell("browser", 5) == "5", "5 jobs done")
+        assert cell("browser", 3) == "1"            # one worker
+        client.send({"cmd": "do", "id": "w", "type": "browser", "arg": None})
+        worker.expect("do")
+        wait_for(lambda: cell("browser", 2) == "1", "a running job")
+        rate = wait_for(lambda: cell("browser", 7) not in (None, "-") and cell("browser", 7),
+                        "a jobs/s figure")
+        assert float(rate) >= 0
+        browser.save_screenshot(str(tmp_path / "status.png"))
+        assert os.path.getsize(tmp_path / "status.png") > 1000
+    finally:
+        browser.quit()
