@@ -14,7 +14,8 @@ setup(
     python_requires=">=3.9",
     install_requires=["gevent>=23.9", "orjson>=3.9", "docopt-ng>=0.9"],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "trustme>=1.0", "prometheus_client>=0.17"],
+        "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "trustme>=1.0", "prometheus_client>=0.17",
+                 "selenium>=4.10"],
     },
     entry_points={
         "console_scripts": [
