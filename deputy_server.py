@@ -944,6 +944,7 @@ class Connection:
         plain = isinstance(raw, socket.socket) and not hasattr(sock, "getpeercert")  # not TLS
         self.raw_send = raw.send if plain else None
         self.run_callback = gevent.get_hub().loop.run_callback
+        self.writer = None          # a greenlet, started the first time it is needed
         self.wake_writer = gevent.event.Event()
         self.may_read = gevent.event.Event()
         self.may_read.set()
@@ -989,7 +990,6 @@ class Connection:
     # -- reading -------------------------------------------------------------
 
     def serve(self):
-        writer = gevent.spawn(self.write_loop)
         try:
             self.read_loop()
         except OSError:
@@ -1000,7 +1000,8 @@ class Connection:
             self.broker.disconnect(self.peer)
             if self.closing:
                 self.flush_before_close()
-            writer.kill()
+            if self.writer is not None:
+                self.writer.kill()
             self.sock.close()
 
     def read_loop(self):
@@ -1164,6 +1165,8 @@ class Connection:
     def hand_to_writer(self):
         self.writer_owns_socket = True
         self.wake_writer.set()
+        if self.writer is None:
+            self.writer = gevent.spawn(self.write_loop)
 
     def write_loop(self):
         """Sends what flush() could not, waiting for the socket to drain."""
