@@ -28,6 +28,7 @@ import hmac
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import stat
@@ -121,6 +122,9 @@ def decode_line(line):
     return cmd, msg
 
 
+LEADING_ID = re.compile(rb'\s*\{[^\[\]{}]*?"id"\s*:\s*("(?:[^"\\]|\\.){0,1000}"|-?[0-9]{1,19})\s*[,}]')
+
+
 def _small_int(text):
     return int(text) if len(text) < 20 else None
 
@@ -132,7 +136,13 @@ def salvage_id(line):
     try:
         msg = json.loads(line, parse_int=_small_int, parse_float=lambda text: None,
                          parse_constant=lambda text: None)
-    except (ValueError, RecursionError):
+    except RecursionError:      # nested too deep even for it: an id before any nesting
+        found = LEADING_ID.match(line)
+        try:
+            return loads(found.group(1)) if found else NO_ID
+        except JSONDecodeError:
+            return NO_ID
+    except ValueError:
         return NO_ID
     if type(msg) is dict:
         value = msg.get("id")
@@ -941,7 +951,7 @@ class Connection:
         self.flush_scheduled = False
         self.writer_owns_socket = False
         raw = getattr(sock, "_sock", None)
-        plain = isinstance(raw, socket.socket) and not hasattr(sock, "getpeercert")  # not TLS
+        plain = isinstance(raw, socket.SocketType) and not hasattr(sock, "getpeercert")  # no TLS
         self.raw_send = raw.send if plain else None
         self.run_callback = gevent.get_hub().loop.run_callback
         self.writer = None          # a greenlet, started the first time it is needed
