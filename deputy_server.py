@@ -317,7 +317,7 @@ class Job:
 
     __slots__ = ("seq", "kind", "arg_tail", "priority", "owner", "owner_id", "owner_reply",
                  "joined", "bg", "unique", "ttr", "state", "worker", "wid", "attempts",
-                 "ttr_timer")
+                 "ttr_timer", "bg_deadlines")
 
     def __init__(self, seq, kind, sub, owner):
         self.seq = seq
@@ -330,7 +330,8 @@ class Job:
         self.owner_id = sub.id
         self.owner_reply = reply_prefix(sub.id) if owner is not None else None
         self.joined = None
-        self.bg = sub.bg
+        self.bg = 1 if sub.bg else 0      # background submissions keeping it alive
+        self.bg_deadlines = None            # their timeout timers, if any
         self.unique = sub.unique
         self.ttr = sub.ttr
         self.state = QUEUED
@@ -348,7 +349,7 @@ class Job:
 
     def wanted(self):
         """Does anyone still want this job done?"""
-        return self.owner is not None or bool(self.joined) or self.bg
+        return self.owner is not None or bool(self.joined) or self.bg > 0
 
 
 class JobQueue:
@@ -656,6 +657,8 @@ class Broker:
         if sub.bg:
             c.jobs_background += 1
             peer.send(b'{"cmd":"queued","id":%s}\r\n' % dumps(sub.id))
+            if sub.timeout is not None:
+                self.start_bg_deadline(job, sub.timeout)
         else:
             peer.jobs[sub.id] = job
             if sub.timeout is not None:
@@ -674,9 +677,11 @@ class Broker:
         """Coalesce a submission onto an unfinished job with the same unique key."""
         self.counters.jobs_coalesced += 1
         if sub.bg:
-            job.bg = True
+            job.bg += 1
             self.counters.jobs_background += 1
             peer.send(b'{"cmd":"queued","id":%s}\r\n' % dumps(sub.id))
+            if sub.timeout is not None:
+                self.start_bg_deadline(job, sub.timeout)
             return
         if job.joined is None:
             job.joined = []
@@ -707,6 +712,11 @@ class Broker:
             return
         if not cancel_running:
             self.counters.jobs_abandoned += 1
+        self.end_unwanted(job, cancel_running)
+
+    def end_unwanted(self, job, cancel_running):
+        """Nobody waits for job any more: drop it if queued; if running, cancel
+        it at its worker, or let it run on and drop its result."""
         if job.state == QUEUED:
             self.drop_queued(job)
         elif job.state == RUNNING and cancel_running:
@@ -727,6 +737,11 @@ class Broker:
         self.forget(job)
 
     def forget(self, job):
+        """job is over: it no longer takes joiners, its deadlines are moot."""
+        if job.bg_deadlines:
+            for timer in job.bg_deadlines:
+                timer.close()
+            job.bg_deadlines = None
         if job.unique is not None and self.unique.get((job.kind.name, job.unique)) is job:
             del self.unique[(job.kind.name, job.unique)]
 
@@ -875,6 +890,21 @@ class Broker:
             timer = peer.deadlines.pop(sub_id, None)
             if timer is not None:
                 timer.close()
+
+    def start_bg_deadline(self, job, seconds):
+        if job.bg_deadlines is None:
+            job.bg_deadlines = []
+        job.bg_deadlines.append(self.start_timer(seconds, self.bg_deadline_passed, job))
+
+    def bg_deadline_passed(self, job):
+        """A background submission's timeout: it stops keeping the job alive;
+        no `did` is sent (nobody waits for one)."""
+        if job.state == FINISHED:
+            return
+        job.bg -= 1
+        self.counters.jobs_timed_out += 1
+        if not job.wanted():
+            self.end_unwanted(job, cancel_running=True)
 
     def deadline_passed(self, peer, sub_id):
         peer.deadlines.pop(sub_id, None)
@@ -1537,9 +1567,12 @@ def remove_stale_socket(path):
     probe.settimeout(1.0)
     try:
         probe.connect(path)
-    except OSError:
-        os.unlink(path)             # nobody answers: stale
+    except ConnectionRefusedError:
+        os.unlink(path)             # nobody listens: stale
         return
+    except OSError as exc:          # a timeout: a busy server, not a dead one
+        raise StartupError("cannot tell whether a server listens on %s (%s); not replacing it"
+                           % (path, exc))
     finally:
         probe.close()
     raise StartupError("another server is listening on %s" % path)
