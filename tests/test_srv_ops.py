@@ -1,0 +1,367 @@
+"""SPEC section 8, black box: the shared secret and the SIGTERM drain."""
+import itertools
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from rawhelpers import (
+    wait_unix_ready,
+    ServerProcess, did, do, expect_error, line, sync, sync_quiet, take_job,
+    unix_path, wait_for, worker)
+
+SECRET = "s3cr3t-Zq9-do-not-log"
+_types = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def secret_server():
+    """One server with --secret for the refusal tests (each uses its own
+    job type, so they do not see each other)."""
+    srv = ServerProcess("--secret", SECRET)
+    yield srv
+    srv.stop()
+
+
+def auth(secret):
+    return {"cmd": "auth", "secret": secret}
+
+
+def authed(srv, secret=SECRET, address=None):
+    from rawhelpers import RawConn
+    c = RawConn(address) if address else srv.connect()
+    c.send(auth(secret))
+    c.expect("auth", ok=True)
+    return c
+
+
+def refused_and_closed(c):
+    msg = expect_error(c)
+    assert SECRET not in msg["error"]
+    assert c.is_closed(3), "the connection is closed after a failed auth"
+    return msg
+
+
+# -- secret ------------------------------------------------------------------------
+
+def test_auth_ok_then_normal_service(start_server):
+    srv = start_server("--secret", SECRET)
+    c = authed(srv)
+    sync_quiet(c)
+    w = authed(srv)
+    w.send({"cmd": "can_do", "types": ["t"]})
+    c.send(do(1, "t", "x"))
+    j = take_job(w, "t")
+    w.send(did(j["id"], res="y"))
+    c.expect("did", id=1, res="y")
+
+
+def test_auth_pipelined_with_commands(start_server):
+    srv = start_server("--secret", SECRET)
+    c = srv.connect()
+    c.send_raw(line(auth(SECRET)) + b'{"cmd":"metrics"}\r\n')
+    c.expect("auth", ok=True)
+    c.expect("metrics")
+
+
+@pytest.mark.parametrize("first", [
+    {"cmd": "metrics"},
+    {"cmd": "do", "id": 1, "type": "T", "arg": 1},
+    {"cmd": "can_do", "types": ["T"]},
+    {"cmd": "did", "id": 1, "res": 1},
+    {"cmd": "bogus"},
+], ids=lambda m: m["cmd"])
+def test_command_before_auth_is_refused_and_closed(secret_server, first):
+    t = "ops-%d" % next(_types)
+    first = dict(first)
+    if first.get("type") == "T":
+        first["type"] = t
+    if first.get("types") == ["T"]:
+        first["types"] = [t]
+    c = secret_server.connect()
+    c.send(first, {"cmd": "metrics"})
+    refused_and_closed(c)
+    good = authed(secret_server)
+    m = good.metrics()
+    good.close()
+    assert t not in m["types"], "something was done before auth: %r" % (m["types"].get(t),)
+
+
+@pytest.mark.parametrize("secret", ["wrong", "", SECRET[:-1], SECRET + "x", " " + SECRET,
+                                    SECRET.upper(), None, 12345, [SECRET], {"s": SECRET}],
+                         ids=repr)
+def test_wrong_secret_is_refused_and_closed(secret_server, secret):
+    c = secret_server.connect()
+    c.send(auth(secret))
+    refused_and_closed(c)
+
+
+def test_auth_without_secret_field_refused(secret_server):
+    c = secret_server.connect()
+    c.send({"cmd": "auth"})
+    refused_and_closed(c)
+
+
+def test_invalid_json_before_auth_closes(secret_server):
+    c = secret_server.connect()
+    c.send_raw(b"not json\r\n")
+    refused_and_closed(c)
+
+
+def test_wrong_secret_then_commands_on_same_connection_get_nothing(secret_server):
+    c = secret_server.connect()
+    c.send_raw(line(auth("wrong")) + line(do(1, "ops-never", 1)) + b'{"cmd":"metrics"}\r\n')
+    refused_and_closed(c)
+    good = authed(secret_server)
+    m = good.metrics()
+    good.close()
+    assert "ops-never" not in m["types"]
+
+
+def test_secret_from_environment(start_server):
+    srv = start_server(env={"DEPUTY_SECRET": SECRET})
+    c = srv.connect()
+    c.send({"cmd": "metrics"})
+    refused_and_closed(c)
+    sync_quiet(authed(srv))
+
+
+def test_secret_file_is_stripped(start_server, tmp_path):
+    path = tmp_path / "secret"
+    path.write_text("  \n\t" + SECRET + " \n\n")
+    srv = start_server("--secret-file", str(path))
+    sync_quiet(authed(srv))
+    c = srv.connect()
+    c.send(auth("  \n\t" + SECRET + " \n\n"))
+    refused_and_closed(c)
+
+
+def test_missing_secret_file_is_one_clear_line(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT, SERVER
+    from rawhelpers import free_port
+    proc = subprocess.run([sys.executable, SERVER, "-p", str(free_port()), "--secret-file",
+                           str(tmp_path / "absent")], capture_output=True, timeout=10, cwd=ROOT)
+    err = proc.stderr.decode()
+    assert proc.returncode != 0 and "Traceback" not in err
+    assert len([x for x in err.splitlines() if x.strip()]) == 1, err
+
+
+def test_secret_never_in_metrics_or_stderr(start_server, tmp_path):
+    srv = start_server("--secret", SECRET, "-v", "--metrics-interval", "0.1",
+                       "--log-level", "debug")
+    c = authed(srv)
+    m = c.metrics()
+    import orjson
+    assert SECRET not in orjson.dumps(m).decode()
+    for bad in ("wrong", SECRET[:5], SECRET + "x"):
+        b = srv.connect()
+        b.send(auth(bad))
+        refused_and_closed(b)
+    time.sleep(0.3)
+    srv.signal(signal.SIGINT)
+    srv.wait(5)
+    err = srv.stderr()
+    assert SECRET not in err
+    assert SECRET[:8] not in err
+    assert SECRET + "x" not in err
+
+
+def test_secret_file_content_never_in_stderr(start_server, tmp_path):
+    path = tmp_path / "secret"
+    path.write_text(SECRET + "\n")
+    srv = start_server("--secret-file", str(path), "-v", "--metrics-interval", "0.1",
+                       "--log-level", "debug")
+    b = srv.connect()
+    b.send(auth("nope"))
+    refused_and_closed(b)
+    sync_quiet(authed(srv))
+    time.sleep(0.3)
+    assert SECRET not in srv.stderr()
+
+
+def test_secret_applies_to_unix_socket_too(start_server, tmp_path):
+    from rawhelpers import RawConn
+    path = unix_path(tmp_path)
+    srv = start_server("--secret", SECRET, "-s", path)
+    wait_unix_ready(path)
+    c = RawConn(path)
+    c.send({"cmd": "metrics"})
+    refused_and_closed(c)
+    sync_quiet(authed(srv, address=path))
+
+
+# -- drain --------------------------------------------------------------------------
+
+def listener_closed(srv):
+    try:
+        socket.create_connection(("127.0.0.1", srv.port), timeout=0.5).close()
+        return False
+    except OSError:
+        return True
+
+
+def test_sigterm_drains_jobs_in_flight(start_server, tmp_path):
+    path = unix_path(tmp_path)
+    srv = start_server("-s", path)
+    wait_unix_ready(path)
+    w = worker(srv, "t")
+    s = srv.connect()
+    s.send(do(1, "t", "running"), do(2, "t", "queued"))
+    j = take_job(w, "t")
+    srv.signal(signal.SIGTERM)
+    # The listeners close; the server stays up for the job in flight.
+    wait_for(lambda: listener_closed(srv), 3, what="the TCP listener to close")
+    assert srv.proc.poll() is None, "exited with a job in flight"
+    # New jobs are refused with "draining" and their id.
+    s.send(do(3, "t", "new"))
+    msg = expect_error(s, id=3)
+    assert msg["error"] == "draining"
+    s.send(do("s", "t", "new too"))
+    assert expect_error(s, id="s")["error"] == "draining"
+    # The result of the job in flight is delivered...
+    w.send(did(j["id"], res="finished while draining"))
+    s.expect("did", id=1, res="finished while draining")
+    # ...the queued job is not handed out, and the server exits 0 at once.
+    t0 = time.monotonic()
+    assert srv.wait(5) == 0
+    assert time.monotonic() - t0 < 2
+    assert not os.path.exists(path)
+    assert "Traceback" not in srv.stderr()
+    assert all(m.get("cmd") != "do" for m in drain_messages(w)), "a queued job was handed out"
+
+
+def drain_messages(c):
+    out = []
+    try:
+        while True:
+            out.append(c.recv(0.3))
+    except (OSError, ConnectionError):
+        pass
+    return out
+
+
+def test_drain_ends_when_the_worker_in_flight_is_lost(start_server):
+    """A lost worker's job goes back to the queue, which is no longer handed
+    out while draining: nothing is left in flight, so the server exits."""
+    srv = start_server()
+    w = worker(srv, "t")
+    s = srv.connect()
+    s.send(do(1, "t"))
+    take_job(w, "t")
+    srv.signal(signal.SIGTERM)
+    wait_for(lambda: listener_closed(srv), 3)
+    t0 = time.monotonic()
+    w.close()
+    assert srv.wait(5) == 0
+    assert time.monotonic() - t0 < 2, "waited for the drain timeout with nothing in flight"
+
+
+def test_drain_ends_when_the_job_in_flight_is_cancelled(start_server):
+    srv = start_server()
+    w = worker(srv, "t")
+    s = srv.connect()
+    s.send(do(1, "t"))
+    j = take_job(w, "t")
+    srv.signal(signal.SIGTERM)
+    wait_for(lambda: listener_closed(srv), 3)
+    t0 = time.monotonic()
+    s.send({"cmd": "cancel", "id": 1})
+    s.expect("did", id=1, err="cancelled")
+    w.expect("cancel", id=j["id"])
+    assert srv.wait(5) == 0
+    assert time.monotonic() - t0 < 2
+
+
+def test_sigterm_with_only_queued_jobs_exits_at_once(start_server):
+    srv = start_server()
+    s = srv.connect()
+    s.send(do(1, "t", "nobody does this"))
+    sync_quiet(s)
+    t0 = time.monotonic()
+    srv.signal(signal.SIGTERM)
+    assert srv.wait(5) == 0
+    assert time.monotonic() - t0 < 2
+
+
+def test_drain_timeout(start_server):
+    srv = start_server("--drain-timeout", "0.5")
+    w = worker(srv, "t")
+    s = srv.connect()
+    s.send(do(1, "t", "never finished"))
+    take_job(w, "t")
+    t0 = time.monotonic()
+    srv.signal(signal.SIGTERM)
+    assert srv.wait(5) == 0
+    elapsed = time.monotonic() - t0
+    assert 0.4 <= elapsed < 2.5, elapsed
+
+
+def test_second_sigterm_exits_at_once(start_server, tmp_path):
+    path = unix_path(tmp_path)
+    srv = start_server("-s", path)
+    wait_unix_ready(path)
+    w = worker(srv, "t")
+    s = srv.connect()
+    s.send(do(1, "t"))
+    take_job(w, "t")
+    srv.signal(signal.SIGTERM)
+    wait_for(lambda: listener_closed(srv), 3)
+    time.sleep(0.2)
+    assert srv.proc.poll() is None
+    t0 = time.monotonic()
+    srv.signal(signal.SIGTERM)
+    assert srv.wait(5) == 0
+    assert time.monotonic() - t0 < 1.5
+    assert not os.path.exists(path)
+
+
+def test_sigint_during_drain_exits_at_once(start_server):
+    srv = start_server()
+    w = worker(srv, "t")
+    s = srv.connect()
+    s.send(do(1, "t"))
+    take_job(w, "t")
+    srv.signal(signal.SIGTERM)
+    wait_for(lambda: listener_closed(srv), 3)
+    t0 = time.monotonic()
+    srv.signal(signal.SIGINT)
+    assert srv.wait(5) == 0
+    assert time.monotonic() - t0 < 1.5
+
+
+def test_drain_delivers_several_results_on_several_connections(start_server):
+    srv = start_server()
+    w = worker(srv, "t", capacity=4)
+    subs = [srv.connect() for _ in range(4)]
+    for i, s in enumerate(subs):
+        s.send(do(i, "t", i))
+    jobs = [take_job(w, "t") for _ in range(4)]
+    srv.signal(signal.SIGTERM)
+    wait_for(lambda: listener_closed(srv), 3)
+    for j in jobs[:3]:
+        w.send(did(j["id"], res=j["arg"] * 10))
+    for j in jobs[:3]:
+        subs[j["arg"]].expect("did", id=j["arg"], res=j["arg"] * 10)
+    assert srv.proc.poll() is None, "one job is still in flight"
+    w.send(did(jobs[3]["id"], err="last"))
+    subs[jobs[3]["arg"]].expect("did", id=jobs[3]["arg"], err="last")
+    assert srv.wait(5) == 0
+
+
+def test_metrics_still_answered_while_draining(start_server):
+    srv = start_server()
+    w = worker(srv, "t")
+    s = srv.connect()
+    s.send(do(1, "t"))
+    j = take_job(w, "t")
+    srv.signal(signal.SIGTERM)
+    wait_for(lambda: listener_closed(srv), 3)
+    before, m = sync(s)
+    assert before == [] and m["jobs_running"] == 1
+    w.send(did(j["id"], res=None))
+    s.expect("did", id=1)
+    assert srv.wait(5) == 0
