@@ -1,0 +1,1535 @@
+"""Deputy client: submit jobs to Deputy job servers, and do them, from gevent.
+
+One file, one class. A `Client` holds a connection to each server it is
+given; it can submit jobs and do jobs over the same connections::
+
+    from deputy_client import Client
+
+    with Client("127.0.0.1:11746") as client:
+        job = client.do("resize", {"path": "a.png", "width": 100})
+        print(job.get(timeout=10))            # the worker's result
+
+    worker = Client("127.0.0.1:11746")
+
+    @worker.can_do("resize", capacity=4)      # up to 4 jobs at once
+    def resize(arg):
+        return {"resized": arg["path"]}
+
+    worker.work()                             # until worker.close()
+
+It works in gevent programs and in scripts that called
+`gevent.monkey.patch_all()`. Submitting never waits for a round trip; lost
+connections are re-made with backoff and the jobs that had no result yet
+are submitted again (at-least-once). From the shell::
+
+    deputy-client do resize '{"path": "a.png"}'
+    deputy-client work resize --capacity 4 -- ./resize.sh
+    deputy-client status --watch
+
+(`python deputy_client.py --help` lists every command.) The wire protocol,
+JSON lines, is in the project's README.rst; this module speaks only that
+and does not import deputy_server.
+"""
+import bisect
+import collections
+import hashlib
+import itertools
+import logging
+import os
+import random
+import signal
+import socket as _stdlib_socket
+import ssl
+import sys
+import time
+
+import docopt
+import gevent
+import gevent.event
+import gevent.socket
+import gevent.ssl
+import gevent.subprocess
+import greenlet
+import orjson
+
+__version__ = "0.1.0"
+
+DEFAULT_PORT = 11746
+DEFAULT_ADDRESS = "127.0.0.1:%d" % DEFAULT_PORT
+CONNECT_TIMEOUT = 5.0        # seconds for connect, TLS handshake and auth
+BACKOFF_INITIAL = 0.05       # seconds before the first reconnection attempt
+BACKOFF_MAX = 2.0            # reconnection delays double up to this
+CLOSE_FLUSH_TIMEOUT = 2.0    # seconds close() waits for unsent output
+METRICS_TIMEOUT = 5.0
+TIMEOUT_GRACE = 1.0          # seconds past a job's timeout before the client fails it itself
+RECV_SIZE = 262144
+HASH_POINTS = 64             # points per server on the consistent-hash ring
+CRLF = b"\r\n"
+METRICS_LINE = b'{"cmd":"metrics"}\r\n'
+
+log = logging.getLogger("deputy_client")
+loads = orjson.loads
+dumps = orjson.dumps
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+class DeputyError(Exception):
+    """Base of every error this module raises."""
+
+
+class JobFailed(DeputyError):
+    """The job failed: `.error` is the text the worker (or server) sent.
+
+    A handler may also raise JobFailed("text") to fail its job with exactly
+    that text, without the "ExceptionType: " prefix other exceptions get.
+    """
+
+    def __init__(self, error, job=None):
+        DeputyError.__init__(self, error)
+        self.error = error
+        self.job = job
+
+
+class JobRefused(JobFailed):
+    """The server refused the job (an `error` message carrying its id)."""
+
+
+class Timeout(gevent.Timeout, DeputyError):
+    """A wait ran out of time. Also a `gevent.Timeout`."""
+
+    def __init__(self, message):
+        gevent.Timeout.__init__(self, None)
+        self.message = message
+
+    def __str__(self):
+        return self.message
+
+
+class JobCancelled(DeputyError, gevent.GreenletExit):
+    """Raised inside a handler whose job the server took back: cancelled
+    by its submitter, timed out, past its ttr, or its connection was lost.
+    The job's result would be discarded, so the handler's greenlet is
+    killed with this. (A GreenletExit, so gevent does not report it.)"""
+
+
+class ClientClosed(DeputyError):
+    """The client was closed before the job had its result."""
+
+
+class AuthError(DeputyError):
+    """The server refused this client's secret."""
+
+
+# ---------------------------------------------------------------------------
+# Addresses and framing
+# ---------------------------------------------------------------------------
+
+class Address:
+    """Where a server listens: TCP host and port, or a UNIX socket path."""
+
+    __slots__ = ("host", "port", "path", "label")
+
+    def __init__(self, host=None, port=None, path=None):
+        self.host, self.port, self.path = host, port, path
+        if path is not None:
+            self.label = "unix:" + path
+        elif ":" in host:
+            self.label = "[%s]:%d" % (host, port)
+        else:
+            self.label = "%s:%d" % (host, port)
+
+    def __repr__(self):
+        return "Address(%r)" % self.label
+
+
+def parse_address(address):
+    """'host:port', 'host', '[v6]:port', (host, port) or 'unix:/path'."""
+    if isinstance(address, Address):
+        return address
+    if isinstance(address, tuple) and len(address) == 2:
+        return Address(str(address[0]), parse_port(address[1], address))
+    if not isinstance(address, str) or not address:
+        raise DeputyError("bad server address %r" % (address,))
+    if address.startswith("unix:"):
+        return Address(path=address[5:])
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else DEFAULT_PORT
+        return Address(host, parse_port(port, address))
+    host, _, port = address.rpartition(":")
+    if not host:
+        return Address(address, DEFAULT_PORT)
+    return Address(host, parse_port(port, address))
+
+
+def parse_port(port, address):
+    try:
+        number = int(port)
+    except (TypeError, ValueError):
+        number = 0
+    if not 0 < number < 65536:
+        raise DeputyError("bad port in server address %r" % (address,))
+    return number
+
+
+def parse_addresses(address):
+    """One address or a list of them -> list of Address, duplicates dropped."""
+    if not isinstance(address, (list, tuple)) or (
+            isinstance(address, tuple) and len(address) == 2 and isinstance(address[1], int)):
+        address = [address]
+    parsed = {}
+    for one in address:
+        one = parse_address(one)
+        parsed.setdefault(one.label, one)
+    if not parsed:
+        raise DeputyError("no server address given")
+    return list(parsed.values())
+
+
+def ssl_context_for(tls):
+    """tls=True, a CA file name, or an ssl.SSLContext -> context (or None)."""
+    if tls is None or tls is False:
+        return None
+    if tls is True:
+        return ssl.create_default_context()
+    if isinstance(tls, str):
+        return ssl.create_default_context(cafile=tls)
+    if isinstance(tls, ssl.SSLContext):
+        return tls
+    raise DeputyError("tls must be True, a CA file name or an ssl.SSLContext")
+
+
+def complete_lines(parts, chunk):
+    """Split what was received into complete lines; the unfinished rest of
+    a line stays in `parts` (a list, so long lines are joined once)."""
+    if b"\n" not in chunk:
+        parts.append(chunk)
+        return ()
+    if parts:
+        parts.append(chunk)
+        chunk = b"".join(parts)
+        parts.clear()
+    lines = chunk.split(b"\n")
+    rest = lines.pop()
+    if rest:
+        parts.append(rest)
+    return lines
+
+
+def message_line(message):
+    return dumps(message) + CRLF
+
+
+# ---------------------------------------------------------------------------
+# Connection: one server, its socket, reader, writer and reconnection
+# ---------------------------------------------------------------------------
+
+class Connection:
+    """One server. Knows the jobs it sent there that have no answer yet
+    (`pending`, by job id) and the jobs that server gave it to do (`held`,
+    by WID); the client decides where jobs go, the worker runs them.
+
+    One greenlet connects, reads and reconnects; a second writes. Messages
+    are appended to a buffer and written together once per turn of the
+    event loop, so a burst of submissions costs one system call."""
+
+    def __init__(self, client, address):
+        self.client = client
+        self.address = address
+        self.label = address.label
+        self.pending = {}
+        self.held = {}
+        self.metrics_waiters = collections.deque()
+        self.connected = False     # a socket is open (after auth)
+        self.live = False          # connected and taking jobs (not draining)
+        self.throttled = False     # told the server we can do nothing for now
+        self.last_error = None
+        self.fatal = None          # an error retrying cannot fix (auth, certificate)
+        self._out = []
+        self._wake = gevent.event.Event()
+        self._closing = False
+        self._writer = None
+        self._sock = None
+        self._greenlet = gevent.spawn(self._run)
+
+    def __repr__(self):
+        return "<Connection %s %s>" % (self.label, "live" if self.live else "down")
+
+    # -- sending ------------------------------------------------------------
+
+    def send(self, line):
+        """Queue one encoded line (ending in CR LF) for the writer."""
+        if self.connected:
+            out = self._out
+            out.append(line)
+            if len(out) == 1:       # else the writer was woken for the first
+                self._wake.set()
+
+    def submit(self, job):
+        self.pending[job.id] = job
+        job._conn = self
+        self.send(job._encoded())
+
+    def _write_loop(self, sock):
+        wake = self._wake
+        try:
+            while True:
+                wake.wait()
+                wake.clear()
+                out = self._out
+                if out:
+                    self._out = []
+                    sock.sendall(b"".join(out))
+                if self._closing and not self._out:
+                    return
+        except OSError as error:
+            log.debug("%s: write failed: %s", self.label, error)
+            shut_down(sock)
+
+    # -- connecting ---------------------------------------------------------
+
+    def _run(self):
+        """Connect, serve, and after a loss connect again: waiting a little
+        longer after each failure (or each session that ended at once)."""
+        delay = self.client.backoff_initial
+        while not self.client.closed:
+            try:
+                sock, leftover = self._connect()
+            except (AuthError, ssl.SSLCertVerificationError) as error:
+                return self._give_up(error)
+            except (OSError, ValueError) as error:
+                self._note_failure(error)
+            else:
+                started = time.monotonic()
+                self._serve(sock, leftover)
+                if self.fatal is not None:
+                    return self._give_up(self.fatal)
+                if time.monotonic() - started > self.client.backoff_max:
+                    delay = self.client.backoff_initial
+            if not self.client.closed:
+                gevent.sleep(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, self.client.backoff_max)
+
+    def _connect(self):
+        address, client = self.address, self.client
+        if address.path is not None:
+            sock = gevent.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
+            sock.settimeout(client.connect_timeout)
+            try:
+                sock.connect(address.path)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = gevent.socket.create_connection(
+                (address.host, address.port), timeout=client.connect_timeout)
+            sock.setsockopt(_stdlib_socket.IPPROTO_TCP, _stdlib_socket.TCP_NODELAY, 1)
+            keep_alive(sock)
+            if client.ssl_context is not None:
+                sock = gevent.ssl.SSLSocket(sock=sock, server_hostname=address.host,
+                                            _context=client.ssl_context)
+        try:
+            leftover = self._authenticate(sock) if client.secret else b""
+        except BaseException:
+            sock.close()
+            raise
+        sock.settimeout(None)
+        return sock, leftover
+
+    def _authenticate(self, sock):
+        """Send the secret; wait for the server's yes. -> bytes read past it."""
+        sock.sendall(message_line({"cmd": "auth", "secret": self.client.secret}))
+        received = b""
+        while b"\n" not in received:
+            chunk = sock.recv(RECV_SIZE)
+            if not chunk:
+                raise ConnectionError("server closed the connection during auth")
+            received += chunk
+        line, _, rest = received.partition(b"\n")
+        reply = loads(line)
+        if isinstance(reply, dict) and reply.get("cmd") == "auth" and reply.get("ok") is True:
+            return rest
+        if not isinstance(reply, dict):
+            reply = {"error": reply}
+        raise AuthError("%s refused the secret: %s" % (self.label, reply.get("error", reply)))
+
+    def _note_failure(self, error):
+        first = self.last_error is None
+        self.last_error = error
+        level = logging.WARNING if first else logging.DEBUG
+        log.log(level, "cannot connect to %s: %s; retrying", self.label, describe(error))
+        self._unreachable_for_metrics()
+
+    def _unreachable_for_metrics(self):
+        """Whoever waits for this server's metrics learns it is down now,
+        rather than waiting until its timeout."""
+        waiters, self.metrics_waiters = self.metrics_waiters, collections.deque()
+        for waiter in waiters:
+            if not waiter.ready():
+                waiter.set(None)
+
+    def _give_up(self, error):
+        """Stop reconnecting: retrying cannot fix a refused secret or a
+        certificate that does not verify."""
+        self.fatal = self.last_error = error
+        log.error("giving up on %s: %s", self.label, describe(error))
+        self.client._connection_failed(self, error)
+        self._unreachable_for_metrics()
+
+    # -- one session --------------------------------------------------------
+
+    def _serve(self, sock, leftover):
+        self._out = []
+        self.connected = True
+        if self.last_error is not None:
+            log.info("connected to %s", self.label)
+            self.last_error = None
+        self._sock = sock
+        self._writer = gevent.spawn(self._write_loop, sock)
+        try:
+            self._say_hello()
+            self.client._connection_up(self)
+            self._read_loop(sock, leftover)
+        except OSError as error:
+            self.last_error = error
+        except Exception as error:
+            log.exception("%s: internal error; reconnecting", self.label)
+            self.last_error = error
+        finally:
+            self._end_session(sock)
+
+    def _say_hello(self):
+        """What a new socket needs: can_do again, unanswered metrics requests."""
+        self.client.worker.connection_up(self)
+        waiters = [w for w in self.metrics_waiters if not w.ready()]
+        self.metrics_waiters = collections.deque(waiters)
+        for _ in waiters:
+            self.send(METRICS_LINE)
+
+    def _end_session(self, sock):
+        self.connected = self.live = self.throttled = False
+        self._sock = None
+        if self._writer is not None:
+            self._writer.kill(block=False)
+        sock.close()
+        if self.client.closed:
+            return
+        if self.last_error is None:
+            self.last_error = ConnectionError("connection closed by the server")
+        if self.fatal is None:
+            log.warning("lost connection to %s: %s; reconnecting", self.label,
+                        describe(self.last_error))
+        self.client.worker.connection_lost(self)
+        jobs, self.pending = self.pending, {}
+        self.client._connection_down(self, jobs.values())
+
+    def _read_loop(self, sock, data):
+        recv = sock.recv
+        handle = self._handle_line
+        parts = []
+        while True:
+            for line in complete_lines(parts, data):
+                handle(line)
+            data = recv(RECV_SIZE)
+            if not data:
+                return
+
+    # -- messages from the server -------------------------------------------
+
+    def _handle_line(self, line):
+        if len(line) < 3:
+            return
+        try:
+            message = loads(line)
+            cmd = message["cmd"]
+            if cmd == "did":
+                self._on_did(message)
+            elif cmd == "do":
+                self.client.worker.take(self, message)
+            else:
+                self._message_handlers[cmd](self, message)
+        except (ValueError, TypeError, LookupError, AttributeError) as error:
+            # A server speaking another protocol (version) must not kill the
+            # reader: say what was not understood and go on.
+            log.warning("%s sent a message this client cannot use (%s: %s): %r",
+                        self.label, type(error).__name__, error, line[:200])
+
+    def _on_did(self, message):
+        job = self.pending.pop(message.get("id"), None)
+        if job is None:
+            log.debug("%s: result for no pending job: %r", self.label, message)
+        elif "err" in message:
+            job._fail(JobFailed(message["err"], job))
+        else:
+            job._succeed(message.get("res"))
+
+    def _on_queued(self, message):
+        job = self.pending.pop(message.get("id"), None)
+        if job is not None:
+            job._succeed(None)
+
+    def _on_progress(self, message):
+        job = self.pending.get(message.get("id"))
+        if job is not None:
+            job._progress(message.get("data"))
+
+    def _on_cancel(self, message):
+        self.client.worker.cancel(self, message.get("id"))
+
+    def _on_metrics(self, message):
+        if self.metrics_waiters:
+            self.metrics_waiters.popleft().set(message.get("metrics"))
+
+    def _on_error(self, message):
+        job_id, text = message.get("id"), str(message.get("error"))
+        job = self.pending.get(job_id) if isinstance(job_id, str) else None
+        if job is not None:
+            del self.pending[job_id]
+            if text.startswith("draining"):
+                self._now_draining()
+                self.client._route(job)
+            else:
+                job._fail(JobRefused("refused by %s: %s" % (self.label, text), job))
+        elif isinstance(job_id, str):
+            log.debug("%s: error about finished job %s: %s", self.label, job_id, text)
+        elif job_id is not None:
+            log.warning("%s refused a message about held job %s: %s", self.label, job_id, text)
+        elif text.startswith("authentication"):
+            self.fatal = AuthError("%s: %s (give the client its secret, or set DEPUTY_SECRET)"
+                                   % (self.label, text))
+            shut_down(self._sock)
+        else:
+            log.warning("%s: error: %s", self.label, text)
+
+    def _now_draining(self):
+        """The server is going down: send it no more jobs (until it is back)."""
+        if self.live:
+            log.info("%s is draining; sending jobs elsewhere", self.label)
+            self.live = False
+            self.client._connection_draining(self)
+
+    _message_handlers = {
+        "queued": _on_queued,
+        "progress": _on_progress,
+        "cancel": _on_cancel,
+        "metrics": _on_metrics,
+        "error": _on_error,
+        "auth": lambda self, message: None,
+    }
+
+    # -- asked by the client and the worker ---------------------------------
+
+    def ask_metrics(self):
+        waiter = gevent.event.AsyncResult()
+        self.metrics_waiters.append(waiter)
+        self.send(METRICS_LINE)
+        return waiter
+
+    def throttle(self, types):
+        """Stop this server handing us jobs (the worker is full elsewhere)."""
+        if self.connected and not self.throttled:
+            self.send(message_line({"cmd": "cant_do", "types": types}))
+        self.throttled = True
+
+    def unthrottle(self, types, capacity):
+        self.throttled = False
+        self.say_can_do(types, capacity)
+
+    def say_can_do(self, types, capacity):
+        if types and not self.throttled:
+            self.send(message_line({"cmd": "can_do", "types": types, "capacity": capacity}))
+
+    def close(self):
+        """Write what is buffered (for a while), then stop."""
+        self._closing = True
+        self._wake.set()
+        writer = self._writer
+        if self.connected and writer is not None and writer is not gevent.getcurrent():
+            writer.join(CLOSE_FLUSH_TIMEOUT)
+        self.connected = self.live = False
+        if self._sock is not None:
+            shut_down(self._sock)
+        if self._greenlet is not gevent.getcurrent():
+            self._greenlet.kill(block=False)
+        if writer is not None and writer is not gevent.getcurrent():
+            writer.kill(block=False)
+
+
+def keep_alive(sock):
+    """Notice a server that vanished without a word (a cable pulled, a VM
+    gone) within about a minute, rather than waiting on it forever."""
+    sock.setsockopt(_stdlib_socket.SOL_SOCKET, _stdlib_socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3)):
+        if hasattr(_stdlib_socket, option):
+            sock.setsockopt(_stdlib_socket.IPPROTO_TCP, getattr(_stdlib_socket, option), value)
+
+
+def shut_down(sock):
+    try:
+        sock.shutdown(_stdlib_socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def describe(error):
+    text = str(error) or type(error).__name__
+    if isinstance(error, (OSError, DeputyError)):
+        return text
+    return "%s: %s" % (type(error).__name__, text)
+
+
+# ---------------------------------------------------------------------------
+# Futures: the Job a submitter holds
+# ---------------------------------------------------------------------------
+
+PENDING, SUCCEEDED, FAILED = 0, 1, 2
+
+
+class Job:
+    """A submitted job: a future for its result.
+
+    `get(timeout=None)` waits and returns the result, or raises JobFailed
+    (`.error` holds the text) or Timeout. `ready()`, `successful()`,
+    `cancel()`; `progress` is the latest progress value the worker sent
+    and `on_progress(job, data)`, when set, is called with each (in the
+    connection's reader greenlet: it must not block).
+    """
+
+    __slots__ = ("id", "type", "unique", "bg", "deadline", "progress", "on_progress",
+                 "_fields", "_line", "_conn", "_state", "_value", "_event",
+                 "_cancel_requested", "_timer")
+
+    def __init__(self, job_id, job_type, fields, unique=None, bg=False, deadline=None):
+        self.id = job_id
+        self.type = job_type
+        self.unique = unique
+        self.bg = bg
+        self.deadline = deadline
+        self.progress = None
+        self.on_progress = None
+        self._fields = fields if deadline is not None else None
+        self._line = message_line(fields)
+        self._conn = None
+        self._state = PENDING
+        self._value = None
+        self._event = None
+        self._cancel_requested = False
+        self._timer = None
+
+    def __repr__(self):
+        state = ("pending", "succeeded", "failed")[self._state]
+        return "<Job %s %s %s>" % (self.id, self.type, state)
+
+    def get(self, timeout=None):
+        if self._state == PENDING:
+            if self._event is None:
+                self._event = gevent.event.Event()
+            if not self._event.wait(timeout):
+                raise Timeout("job %s (%s) has no result after %s s"
+                              % (self.id, self.type, timeout))
+        if self._state == SUCCEEDED:
+            return self._value
+        raise self._value
+
+    def ready(self):
+        return self._state != PENDING
+
+    def successful(self):
+        return self._state == SUCCEEDED
+
+    @property
+    def exception(self):
+        """The JobFailed (or other DeputyError) of a failed job, else None."""
+        return self._value if self._state == FAILED else None
+
+    def cancel(self):
+        """Ask for the job to be cancelled. Returns at once; `get()` then
+        raises JobFailed("cancelled") unless the result came first. False
+        when the job had already finished."""
+        if self._state != PENDING:
+            return False
+        conn = self._conn
+        if conn is None or not conn.connected:
+            self._forget()
+            self._fail(JobFailed("cancelled", self))
+        elif not self._cancel_requested:
+            self._cancel_requested = True
+            conn.send(message_line({"cmd": "cancel", "id": self.id}))
+        return True
+
+    def _forget(self):
+        """Take an unsent job out of where it waits to be sent."""
+        if self._conn is not None:
+            self._conn.pending.pop(self.id, None)
+        self._conn = None
+
+    def _encoded(self):
+        """The do line; a timeout is sent as what is left of it."""
+        if self._fields is None:
+            return self._line
+        fields = dict(self._fields, timeout=max(self.deadline - time.monotonic(), 0.001))
+        return message_line(fields)
+
+    def _succeed(self, value):
+        if self._state == PENDING:
+            self._state, self._value = SUCCEEDED, value
+            self._done()
+
+    def _fail(self, error):
+        if self._state == PENDING:
+            self._state, self._value = FAILED, error
+            self._done()
+
+    def _done(self):
+        self._line = self._fields = None
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+        if self._event is not None:
+            self._event.set()
+
+    def _start_deadline_timer(self, seconds):
+        """The server fails a job past its timeout; this covers a server
+        that cannot be reached (or does not answer) by then."""
+        self._timer = gevent.get_hub().loop.timer(seconds + TIMEOUT_GRACE)
+        self._timer.start(self._deadline_passed)
+
+    def _deadline_passed(self):
+        if self._state == PENDING:
+            conn, self._conn = self._conn, None
+            if conn is not None and conn.pending.pop(self.id, None) is self:
+                conn.send(message_line({"cmd": "cancel", "id": self.id}))
+            self._fail(JobFailed("timeout", self))
+
+    def _progress(self, data):
+        self.progress = data
+        if self.on_progress is not None:
+            try:
+                self.on_progress(self, data)
+            except Exception:
+                log.exception("on_progress callback of job %s failed", self.id)
+
+
+# ---------------------------------------------------------------------------
+# Worker: handlers, shared capacity, one greenlet per job in hand
+# ---------------------------------------------------------------------------
+
+class Task:
+    """A job a server gave this worker: where from, and the greenlet
+    (slot) running its handler."""
+
+    __slots__ = ("conn", "wid", "handler", "arg", "slot")
+
+    def __init__(self, conn, wid, handler, arg):
+        self.conn, self.wid = conn, wid
+        self.handler, self.arg = handler, arg
+        self.slot = None
+
+    def is_held(self):
+        return self.conn.held.get(self.wid) is self
+
+
+def progress(data):
+    """Inside a handler: send `data` (any JSON value) to the job's submitter
+    as progress. Call it from the handler's own greenlet."""
+    task = getattr(gevent.getcurrent(), "deputy_task", None)
+    if task is None:
+        raise DeputyError("progress() called outside a job handler's greenlet")
+    if task.is_held():
+        task.conn.send(message_line({"cmd": "progress", "id": task.wid, "data": data}))
+
+
+class Worker:
+    """The doing half of a client. Each job runs in its own greenlet; at
+    most `capacity` run at once, summed over every server. The greenlets
+    (slots) are kept and reused, since making a greenlet costs more than
+    a small job. With several servers, each is told the whole capacity;
+    when the worker is full they are told `cant_do` until a slot frees, and
+    a job that arrives anyway is given back with `release`."""
+
+    def __init__(self, client):
+        self.client = client
+        self.handlers = {}
+        self.capacity = 1
+        self.held = 0                # jobs the servers count as ours
+        self.running = 0             # slots busy with a handler
+        self.deferred = collections.deque()   # held, waiting for a slot still busy
+        self.idle_slots = []
+        self.hub = gevent.get_hub()
+
+    def add(self, handlers, capacity):
+        for job_type, handler in handlers.items():
+            if not isinstance(job_type, str) or not callable(handler):
+                raise DeputyError("can_do needs {type name: callable}, got %r: %r"
+                                  % (job_type, handler))
+        if capacity is not None:
+            if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+                raise DeputyError("capacity must be an integer >= 1, got %r" % (capacity,))
+            self.capacity = capacity
+        self.handlers.update(handlers)
+        for conn in self.client.connections:
+            conn.say_can_do(list(self.handlers), self.capacity)
+        self._adjust_throttle()
+
+    def remove(self, types):
+        for job_type in types:
+            self.handlers.pop(job_type, None)
+        for conn in self.client.connections:
+            conn.send(message_line({"cmd": "cant_do", "types": list(types)}))
+
+    def connection_up(self, conn):
+        if self.handlers:
+            if self.held >= self.capacity and len(self.client.connections) > 1:
+                conn.throttled = True
+            conn.say_can_do(list(self.handlers), self.capacity)
+
+    # -- jobs arriving and leaving ------------------------------------------
+
+    def take(self, conn, message):
+        wid = message.get("id")
+        handler = self.handlers.get(message.get("type"))
+        if handler is None or self.held >= self.capacity:
+            log.debug("%s: giving job %s back (%s)", conn.label, wid,
+                      "worker full" if handler else "no handler")
+            conn.send(message_line({"cmd": "release", "id": wid}))
+            return
+        task = Task(conn, wid, handler, message.get("arg"))
+        conn.held[wid] = task
+        self.held += 1
+        if self.held >= self.capacity:
+            self._adjust_throttle()
+        if self.running < self.capacity:
+            self._start(task)
+        else:
+            self.deferred.append(task)
+
+    def _start(self, task):
+        """Hand the task to an idle slot (or a new one) at the next turn of
+        the event loop, which is when the slot starts running it."""
+        self.running += 1
+        slot = self.idle_slots.pop() if self.idle_slots else greenlet.greenlet(
+            self._slot_loop, parent=self.hub)
+        task.slot = slot
+        self.hub.loop.run_callback(slot.switch, task)
+
+    def _slot_loop(self, task):
+        slot = greenlet.getcurrent()
+        while task is not None:
+            slot.deputy_task = task
+            try:
+                self._run_task(task)
+            finally:
+                slot.deputy_task = None
+                self.running -= 1
+            task = self._next_deferred()
+            if task is None:
+                if len(self.idle_slots) >= self.capacity:
+                    return
+                self.idle_slots.append(slot)
+                task = self.hub.switch()
+
+    def _next_deferred(self):
+        while self.deferred and self.running < self.capacity:
+            task = self.deferred.popleft()
+            if task.is_held():
+                self.running += 1
+                task.slot = greenlet.getcurrent()
+                return task
+        return None
+
+    def _run_task(self, task):
+        if not task.is_held():
+            return          # taken back before it started
+        try:
+            result = task.handler(task.arg)
+        except JobCancelled:
+            return
+        except JobFailed as error:
+            self._finish(task, {"cmd": "did", "id": task.wid, "err": str(error.error)})
+        except Exception as error:
+            text = "%s: %s" % (type(error).__name__, error) if str(error) else type(error).__name__
+            log.info("job %s failed: %s", task.wid, text, exc_info=log.isEnabledFor(logging.DEBUG))
+            self._finish(task, {"cmd": "did", "id": task.wid, "err": text})
+        else:
+            self._finish(task, {"cmd": "did", "id": task.wid, "res": result})
+
+    def _finish(self, task, message):
+        if not task.is_held():
+            return          # cancelled or taken back: the result goes nowhere
+        try:
+            line = message_line(message)
+        except TypeError as error:
+            line = message_line({"cmd": "did", "id": task.wid,
+                                 "err": "TypeError: result is not JSON: %s" % error})
+        del task.conn.held[task.wid]
+        self.held -= 1
+        task.conn.send(line)
+        self._adjust_throttle()
+
+    def cancel(self, conn, wid):
+        """The server took a job back: kill its handler, free its slot."""
+        task = conn.held.pop(wid, None)
+        if task is None:
+            log.debug("%s cancelled job %s, which this worker does not hold", conn.label, wid)
+            return
+        self.held -= 1
+        self._kill(task, "job %s was cancelled by %s" % (wid, conn.label))
+        self._adjust_throttle()
+
+    def connection_lost(self, conn):
+        tasks, conn.held = list(conn.held.values()), {}
+        self.held -= len(tasks)
+        for task in tasks:
+            self._kill(task, "connection to %s lost; the server hands job %s out again"
+                       % (conn.label, task.wid))
+        self._adjust_throttle()
+
+    def _kill(self, task, why):
+        """Raise JobCancelled in the task's handler, if it is still running it."""
+        if task.slot is not None:
+            self.hub.loop.run_callback(self._throw_if_running, task, JobCancelled(why))
+
+    @staticmethod
+    def _throw_if_running(task, error):
+        slot = task.slot
+        if getattr(slot, "deputy_task", None) is task and slot is not greenlet.getcurrent():
+            slot.throw(error)
+
+    def stop(self):
+        """Kill every handler and idle slot (the client is closing)."""
+        for conn in self.client.connections:
+            for task in conn.held.values():
+                self._kill(task, "client closed")
+            conn.held = {}
+        self.held = 0
+        self.deferred.clear()
+        slots, self.idle_slots = self.idle_slots, []
+        for slot in slots:
+            self.hub.loop.run_callback(slot.switch, None)
+
+    # -- sharing capacity over several servers ------------------------------
+
+    def _adjust_throttle(self):
+        connections = self.client.connections
+        if len(connections) < 2 or not self.handlers:
+            return
+        types = list(self.handlers)
+        if self.held >= self.capacity:
+            for conn in connections:
+                conn.throttle(types)
+        else:
+            for conn in connections:
+                if conn.throttled:
+                    conn.unthrottle(types, self.capacity)
+
+
+# ---------------------------------------------------------------------------
+# Client
+# ---------------------------------------------------------------------------
+
+class HashRing:
+    """Consistent hashing of `unique` keys onto servers, so every client
+    given the same addresses sends a key to the same live server."""
+
+    def __init__(self, labels):
+        points = sorted((hash64("%s#%d" % (label, n)), index)
+                        for index, label in enumerate(labels) for n in range(HASH_POINTS))
+        self.points = [point for point, _ in points]
+        self.owners = [owner for _, owner in points]
+
+    def first_live(self, key, connections):
+        start = bisect.bisect(self.points, hash64(key))
+        count = len(self.owners)
+        for step in range(count):
+            conn = connections[self.owners[(start + step) % count]]
+            if conn.live:
+                return conn
+        return None
+
+
+def hash64(text):
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+
+
+class Client:
+    """A connection to one or more Deputy servers, to submit jobs and to
+    do them.
+
+    `address` is "host:port", (host, port), "unix:/path", or a list of
+    these for several servers. `secret` (default: $DEPUTY_SECRET) is sent
+    first on every connection. `tls` is True (verify against the system's
+    CAs), a CA file name, or an ssl.SSLContext.
+    """
+
+    def __init__(self, address=DEFAULT_ADDRESS, secret=None, tls=None,
+                 connect_timeout=CONNECT_TIMEOUT, backoff_max=BACKOFF_MAX):
+        addresses = parse_addresses(address)
+        self.secret = secret if secret is not None else os.environ.get("DEPUTY_SECRET") or None
+        self.ssl_context = ssl_context_for(tls)
+        self.connect_timeout = connect_timeout
+        self.backoff_initial = min(BACKOFF_INITIAL, backoff_max)
+        self.backoff_max = backoff_max
+        self.closed = False
+        self.worker = Worker(self)
+        self._closed_event = gevent.event.Event()
+        self._ids = itertools.count(1)
+        self._backlog = {}           # jobs waiting for a live server, in order
+        self._live = []              # connections taking jobs, in address order
+        self._turn = 0
+        self._ring = HashRing([a.label for a in addresses])
+        self._fatal = None
+        self.connections = []
+        self.connections.extend(Connection(self, a) for a in addresses)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def __repr__(self):
+        return "<Client %s>" % ", ".join(c.label for c in self.connections)
+
+    # -- submitting ---------------------------------------------------------
+
+    def do(self, type, arg=None, priority=0, bg=False, unique=None, ttr=None,
+           timeout=None, on_progress=None):
+        """Submit a job; returns its Job at once (nothing is waited for)."""
+        if self.closed:
+            raise ClientClosed("client is closed")
+        fields = {"cmd": "do", "id": str(next(self._ids)), "type": type, "arg": arg}
+        if priority:
+            fields["priority"] = priority
+        if bg:
+            fields["bg"] = bg
+        if unique is not None:
+            fields["unique"] = unique
+        if ttr is not None:
+            fields["ttr"] = ttr
+        deadline = None
+        if timeout is not None:
+            if not is_number(timeout) or not timeout > 0:
+                raise DeputyError("timeout must be a positive number of seconds, got %r"
+                                  % (timeout,))
+            fields["timeout"] = timeout
+            deadline = time.monotonic() + timeout
+        try:
+            job = Job(fields["id"], type, fields, unique, bg, deadline)
+        except TypeError as error:
+            raise DeputyError("cannot send a %r job: %s" % (type, error)) from None
+        job.on_progress = on_progress
+        if deadline is not None:
+            job._start_deadline_timer(timeout)
+        self._route(job)
+        return job
+
+    def call(self, type, arg=None, timeout=None, **options):
+        """Submit a job and wait for its result. When `timeout` runs out the
+        job is cancelled and Timeout raised."""
+        job = self.do(type, arg, **options)
+        try:
+            return job.get(timeout)
+        except Timeout:
+            job.cancel()
+            raise
+
+    def map(self, type, args, timeout=None, **options):
+        """Submit one job per arg (pipelined); return the results in order.
+        Raises the first failure in order; `timeout` bounds the whole call
+        (unfinished jobs are then cancelled)."""
+        jobs = [self.do(type, arg, **options) for arg in args]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            return [job.get(None if deadline is None else max(deadline - time.monotonic(), 0))
+                    for job in jobs]
+        except Timeout:
+            for job in jobs:
+                job.cancel()
+            raise
+
+    def _route(self, job):
+        """Send a job to a live server, or keep it until one is live."""
+        if job._state != PENDING:
+            return
+        if job.deadline is not None and time.monotonic() >= job.deadline:
+            job._fail(JobFailed("timeout", job))
+            return
+        conn = self._choose(job)
+        if conn is not None:
+            conn.submit(job)
+        elif self._fatal is not None:
+            job._fail(self._fatal)
+        else:
+            self._backlog[job.id] = job
+            job._conn = None
+
+    def _choose(self, job):
+        live = self._live
+        if len(live) < 2:
+            return live[0] if live else None
+        if job.unique is not None:
+            return self._ring.first_live(str(job.unique), self.connections)
+        self._turn += 1
+        return live[self._turn % len(live)]
+
+    # -- connections coming and going -----------------------------------------
+
+    def _connection_up(self, conn):
+        conn.live = True
+        self._live = [c for c in self.connections if c.live]
+        jobs = list(self._backlog.values())
+        self._backlog.clear()
+        for job in jobs:
+            self._route(job)
+
+    def _connection_draining(self, conn):
+        self._live = [c for c in self.connections if c.live]
+
+    def _connection_down(self, conn, jobs):
+        self._live = [c for c in self.connections if c.live]
+        for job in jobs:
+            job._conn = None
+            if job._cancel_requested:
+                job._fail(JobFailed("cancelled", job))
+            else:
+                self._route(job)
+
+    def _connection_failed(self, conn, error):
+        """A connection gave up for good; when all have, fail what waits."""
+        if all(c.fatal is not None for c in self.connections):
+            self._fatal = error if isinstance(error, DeputyError) else DeputyError(describe(error))
+            jobs = list(self._backlog.values())
+            self._backlog.clear()
+            for job in jobs:
+                job._fail(self._fatal)
+            for c in self.connections:
+                for waiter in c.metrics_waiters:
+                    waiter.set_exception(self._fatal)
+
+    # -- working --------------------------------------------------------------
+
+    def can_do(self, handlers, capacity=None):
+        """Do jobs: `can_do({"resize": fn, ...}, capacity=4)`. A handler
+        gets the job's arg and returns its result; up to `capacity` run at
+        once (default 1), each in its own greenlet. Also a decorator:
+        `@client.can_do("resize", capacity=4)`, or bare `@client.can_do`
+        (the function's name is the type)."""
+        if isinstance(handlers, str):
+            job_type = handlers
+
+            def register(handler):
+                self.worker.add({job_type: handler}, capacity)
+                return handler
+            return register
+        if callable(handlers) and not isinstance(handlers, dict):
+            self.worker.add({handlers.__name__: handlers}, capacity)
+            return handlers
+        self.worker.add(dict(handlers), capacity)
+        return None
+
+    def cant_do(self, *types):
+        """Stop being given jobs of these types (jobs in hand finish)."""
+        self.worker.remove(types)
+
+    def work(self):
+        """Do jobs until close() is called (from a handler, another greenlet
+        or a signal handler)."""
+        if not self.worker.handlers:
+            raise DeputyError("work() needs handlers: call can_do() first")
+        self._closed_event.wait()
+
+    # -- metrics, closing -----------------------------------------------------
+
+    def metrics(self, timeout=METRICS_TIMEOUT):
+        """The server's metrics dict. With several servers: their sum, and
+        under "servers" each server's own (None for one that did not answer)."""
+        if self._fatal is not None:
+            raise self._fatal
+        deadline = time.monotonic() + timeout
+        waiters = [(conn, conn.ask_metrics()) for conn in self.connections]
+        each, timed_out = {}, False
+        for conn, waiter in waiters:
+            try:
+                each[conn.label] = waiter.get(timeout=max(deadline - time.monotonic(), 0))
+            except gevent.Timeout:
+                waiter.set(None)
+                each[conn.label], timed_out = None, True
+        answers = [m for m in each.values() if m is not None]
+        if not answers:
+            if timed_out:
+                raise Timeout("no metrics from %s within %s s%s" % (
+                    ", ".join(each), timeout, self._why_down()))
+            raise DeputyError("no metrics: cannot reach %s" % self._why_down()[2:-1])
+        if len(self.connections) == 1:
+            return answers[0]
+        total = sum_metrics(answers)
+        total["servers"] = each
+        return total
+
+    def _why_down(self):
+        errors = ["%s: %s" % (c.label, describe(c.last_error))
+                  for c in self.connections if c.last_error is not None]
+        return " (%s)" % "; ".join(errors) if errors else ""
+
+    def close(self):
+        """Write what is buffered, close every connection, kill running
+        handlers; jobs without a result fail with ClientClosed."""
+        if self.closed:
+            return
+        self.closed = True
+        for conn in self.connections:
+            conn.close()
+        self.worker.stop()
+        error = ClientClosed("client closed before the job had its result")
+        for conn in self.connections:
+            for job in list(conn.pending.values()):
+                job._fail(error)
+            conn.pending = {}
+            for waiter in conn.metrics_waiters:
+                if not waiter.ready():
+                    waiter.set_exception(ClientClosed("client closed"))
+        for job in list(self._backlog.values()):
+            job._fail(error)
+        self._backlog.clear()
+        self._closed_event.set()
+
+
+def sum_metrics(answers):
+    """Add several servers' metrics: numbers summed (up_since: the earliest),
+    nested dicts (types) added key by key."""
+    total = {}
+    for metrics in answers:
+        for key, value in metrics.items():
+            total[key] = add_metric(key, total.get(key), value)
+    return total
+
+
+def add_metric(key, total, value):
+    if isinstance(value, dict):
+        total = total if isinstance(total, dict) else {}
+        for inner_key, inner in value.items():
+            total[inner_key] = add_metric(inner_key, total.get(inner_key), inner)
+        return total
+    if total is None:
+        return value
+    if key == "up_since":
+        return min(total, value)
+    if is_number(value) and is_number(total):
+        return total + value
+    return total
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+USAGE = """Deputy client: submit jobs, do jobs, watch Deputy servers.
+
+Usage:
+  deputy-client [-a ADDR]... [options] do TYPE [ARG] [--priority N] [--bg] [--unique KEY] [--ttr S] [--timeout S]
+  deputy-client [-a ADDR]... [options] map TYPE FILE
+  deputy-client [-a ADDR]... [options] metrics
+  deputy-client [-a ADDR]... [options] status [--watch] [--interval S]
+  deputy-client [-a ADDR]... [options] work TYPE [--capacity N] -- COMMAND...
+  deputy-client --help
+  deputy-client --version
+
+Commands:
+  do       Submit one job and print its result as JSON. ARG is JSON; a bare
+           word is taken as a string; none is null. A failed job prints its
+           error on stderr and exits 1.
+  map      Submit one job per line of FILE (JSON, or - for stdin), pipelined;
+           print one JSON result per line, in order (null for a failed job,
+           whose error goes to stderr; exit 1 if any failed).
+  metrics  Print the metrics, pretty (summed over several servers, each shown).
+  status   Per-type table of queued, running, workers and idle workers.
+  work     Do TYPE jobs by running COMMAND for each: the arg as JSON on its
+           stdin, its stdout (JSON, or else a string) the result; a non-zero
+           exit fails the job with the last line of its stderr.
+
+Options:
+  -a ADDR, --address ADDR  A server, HOST:PORT or unix:PATH; repeat -a for
+                           several servers [default: 127.0.0.1:11746]
+  --secret-file FILE       Read the server's secret from FILE (default: the
+                           DEPUTY_SECRET environment variable)
+  --tls                    Speak TLS; verify the server against the system's CAs
+  --tls-ca FILE            Speak TLS; verify the server against the CAs in FILE
+  --priority N             Higher is handed out first [default: 0]
+  --bg                     Background job: return once the server holds it
+  --unique KEY             Join an unfinished job of the same type and KEY
+  --ttr S                  Seconds a worker may hold the job before the server
+                           takes it back and hands it out again
+  --timeout S              Seconds from now until the job fails with "timeout"
+  --capacity N             Jobs the worker runs at once [default: 1]
+  --watch                  Redraw the status table every interval until Ctrl-C
+  --interval S             Seconds between redraws [default: 1]
+  --help                   Show this text
+  --version                Show the version
+"""
+
+
+class UsageError(DeputyError):
+    """A bad command-line value."""
+
+
+def main(argv=None):
+    """`deputy-client`: parse the command line, run one command, exit."""
+    args = docopt.docopt(USAGE, argv=argv, version=__version__)
+    logging.basicConfig(level=logging.WARNING, format="deputy-client: %(message)s")
+    try:
+        client = Client(args["--address"], secret=cli_secret(args), tls=cli_tls(args))
+    except (DeputyError, OSError) as error:
+        return fail(describe(error), 2)
+    try:
+        return run_command(client, args)
+    except UsageError as error:
+        return fail(str(error), 2)
+    except DeputyError as error:
+        return fail(describe(error), 1)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+
+
+def run_command(client, args):
+    for name, command in (("do", command_do), ("map", command_map), ("metrics", command_metrics),
+                          ("status", command_status), ("work", command_work)):
+        if args[name]:
+            return command(client, args)
+    raise UsageError("no command")
+
+
+def fail(text, status):
+    sys.stderr.write("deputy-client: %s\n" % text)
+    return status
+
+
+def cli_secret(args):
+    if not args["--secret-file"]:
+        return None
+    try:
+        with open(args["--secret-file"], encoding="utf-8") as secret_file:
+            return secret_file.read().strip()
+    except OSError as error:
+        raise DeputyError("cannot read the secret file: %s" % error) from None
+
+
+def cli_tls(args):
+    return args["--tls-ca"] or bool(args["--tls"]) or None
+
+
+def cli_number(args, option, kind=float, minimum=None, positive=False):
+    text = args[option]
+    if text is None:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise UsageError("%s must be a number, got %r" % (option, text)) from None
+    if (minimum is not None and value < minimum) or (positive and not value > 0):
+        raise UsageError("%s must be %s, got %r" % (
+            option, "positive" if positive else "at least %s" % minimum, text))
+    return value
+
+
+def parse_cli_arg(text):
+    """JSON, or when it is not JSON, the text as a string."""
+    if text is None:
+        return None
+    try:
+        return loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def print_json(value, pretty=False):
+    option = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS if pretty else 0
+    sys.stdout.write(dumps(value, option=option).decode() + "\n")
+    sys.stdout.flush()
+
+
+def command_do(client, args):
+    timeout = cli_number(args, "--timeout", positive=True)
+    job = client.do(args["TYPE"], parse_cli_arg(args["ARG"]),
+                    priority=cli_number(args, "--priority", int), bg=args["--bg"],
+                    unique=args["--unique"], ttr=cli_number(args, "--ttr", positive=True),
+                    timeout=timeout)
+    try:
+        result = job.get(timeout)
+    except Timeout:
+        job.cancel()
+        return fail("timeout", 1)
+    except JobFailed as error:
+        return fail(error.error, 1)
+    if not args["--bg"]:
+        print_json(result)
+    return 0
+
+
+def command_map(client, args):
+    jobs = [client.do(args["TYPE"], parse_cli_arg(line)) for line in read_arg_lines(args["FILE"])]
+    show_progress = sys.stderr.isatty()
+    failed, shown = 0, 0.0
+    for number, job in enumerate(jobs, 1):
+        try:
+            print_json(job.get())
+        except JobFailed as error:
+            failed += 1
+            print_json(None)
+            sys.stderr.write("deputy-client: job %d failed: %s\n" % (number, error.error))
+        if show_progress and (time.monotonic() - shown > 0.1 or number == len(jobs)):
+            shown = time.monotonic()
+            sys.stderr.write("\r%d/%d done, %d failed%s" % (
+                number, len(jobs), failed, "\n" if number == len(jobs) else ""))
+    return 1 if failed else 0
+
+
+def read_arg_lines(name):
+    try:
+        if name == "-":
+            lines = sys.stdin.read().splitlines()
+        else:
+            with open(name, encoding="utf-8") as arg_file:
+                lines = arg_file.read().splitlines()
+    except OSError as error:
+        raise UsageError("cannot read %s: %s" % (name, error)) from None
+    return [line for line in lines if line.strip()]
+
+
+def command_metrics(client, args):
+    print_json(client.metrics(), pretty=True)
+    return 0
+
+
+def command_status(client, args):
+    if not args["--watch"]:
+        sys.stdout.write(status_table(client))
+        return 0
+    interval = cli_number(args, "--interval", float, 0.05)
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    try:
+        watch_status(client, interval, clear)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def watch_status(client, interval, clear):
+    while True:
+        try:
+            table = status_table(client)
+        except DeputyError as error:
+            if client._fatal is not None:
+                raise               # a refused secret or certificate: watching is futile
+            table = "%s\n" % error
+        sys.stdout.write("%s%s  (every %g s, Ctrl-C to stop)\n%s" % (
+            clear, time.strftime("%H:%M:%S"), interval, table))
+        if not clear:
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+        gevent.sleep(interval)
+
+
+STATUS_COLUMNS = ("queued", "running", "workers", "idle")
+
+
+def status_table(client):
+    """A gearadmin --status like table: one row per type; with several
+    servers a row per server and type, then the totals."""
+    metrics = client.metrics()
+    rows = []
+    if "servers" in metrics:
+        for label, server_metrics in metrics["servers"].items():
+            if server_metrics is None:
+                rows.append((label, "(no answer)") + ("",) * len(STATUS_COLUMNS))
+            else:
+                rows.extend((label,) + row for row in type_rows(server_metrics))
+        rows.extend(("all",) + row for row in type_rows(metrics))
+        header = ("SERVER", "TYPE") + tuple(c.upper() for c in STATUS_COLUMNS)
+    else:
+        rows = type_rows(metrics)
+        header = ("TYPE",) + tuple(c.upper() for c in STATUS_COLUMNS)
+    return format_table(header, rows)
+
+
+def type_rows(metrics):
+    types = metrics.get("types") or {}
+    return [(name,) + tuple(str(types[name].get(column, "")) for column in STATUS_COLUMNS)
+            for name in sorted(types)]
+
+
+def format_table(header, rows):
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    text_columns = len(header) - len(STATUS_COLUMNS)
+    lines = []
+    for row in [header] + rows:
+        cells = [str(cell).ljust(width) if i < text_columns else str(cell).rjust(width)
+                 for i, (cell, width) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def command_work(client, args):
+    capacity = cli_number(args, "--capacity", int, 1)
+    client.can_do({args["TYPE"]: command_handler(args["COMMAND"])}, capacity=capacity)
+    gevent.signal_handler(signal.SIGTERM, client.close)
+    try:
+        client.work()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+class CommandFailed(JobFailed):
+    """The worker's command exited non-zero."""
+
+
+def command_handler(argv):
+    """A handler that runs argv with the arg as JSON on stdin."""
+    def run_command_for_job(arg):
+        try:
+            process = gevent.subprocess.Popen(
+                argv, stdin=gevent.subprocess.PIPE, stdout=gevent.subprocess.PIPE,
+                stderr=gevent.subprocess.PIPE)
+        except OSError as error:
+            raise CommandFailed("cannot run %s: %s" % (argv[0], error)) from None
+        try:
+            out, err = process.communicate(dumps(arg) + b"\n")
+        except BaseException:
+            process.kill()
+            process.wait()
+            raise
+        if process.returncode != 0:
+            raise CommandFailed(last_line(err) or exit_description(process.returncode))
+        return command_result(out)
+    return run_command_for_job
+
+
+def command_result(out):
+    try:
+        return loads(out)
+    except orjson.JSONDecodeError:
+        return out.decode("utf-8", "replace").rstrip("\r\n")
+
+
+def last_line(data):
+    lines = [line for line in data.decode("utf-8", "replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def exit_description(returncode):
+    if returncode < 0:
+        return "command killed by signal %d" % -returncode
+    return "command exited with status %d" % returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

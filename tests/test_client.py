@@ -1,0 +1,591 @@
+"""The client library against a real server over real sockets (SPEC section
+6, issue 3): submitting, pipelining, futures, handlers, capacity, and
+surviving lost workers and a restarted server."""
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import gevent
+import gevent.event
+import gevent.server
+import gevent.subprocess
+import pytest
+
+from test_client_helpers import ROOT, WAIT, free_port, job_type, wait_until
+from deputy_client import (
+    Client, ClientClosed, DeputyError, JobCancelled, JobFailed, JobRefused, Timeout, progress)
+
+pytest_plugins = ["test_client_helpers"]    # the clients and shared_server fixtures
+
+
+# -- addresses -----------------------------------------------------------------
+
+def test_address_as_string_and_as_tuple(shared_server, clients):
+    t = job_type()
+    worker = clients("127.0.0.1:%d" % shared_server.port)
+    worker.can_do({t: lambda arg: arg + 1})
+    submitter = clients(("127.0.0.1", shared_server.port))
+    assert submitter.call(t, 41, timeout=WAIT) == 42
+
+
+def test_unix_socket_address(start_server, clients, tmp_path):
+    path = str(tmp_path / "deputy.sock")
+    server = start_server("-s", path)
+    t = job_type()
+    worker = clients(server.address)
+    worker.can_do({t: lambda arg: "over " + arg})
+    submitter = clients("unix:" + path)
+    assert submitter.call(t, "unix", timeout=WAIT) == "over unix"
+
+
+@pytest.mark.parametrize("address", [
+    "127.0.0.1:http", "127.0.0.1:0", "127.0.0.1:70000", "", [], 5])
+def test_bad_address_is_a_deputy_error(address):
+    with pytest.raises(DeputyError):
+        Client(address)
+
+
+# -- submitting and futures ----------------------------------------------------
+
+def test_ten_thousand_jobs_pipeline_without_waiting_for_answers(shared_server, clients):
+    t = job_type()
+    submitter = clients(shared_server.address)
+    jobs = [submitter.do(t, n) for n in range(10000)]
+    assert not any(job.ready() for job in jobs)
+    # No worker can do t yet, so no answer can have come back: every job
+    # reaching the server's queue shows they all went out without one.
+    wait_until(lambda: queued(submitter, t) == 10000, what="10,000 jobs queued")
+    worker = clients(shared_server.address)
+    worker.can_do({t: lambda arg: arg * 2}, capacity=32)
+    assert [job.get(WAIT) for job in jobs] == [n * 2 for n in range(10000)]
+
+
+def queued(client, job_type_name):
+    return client.metrics()["types"].get(job_type_name, {}).get("queued", 0)
+
+
+def test_results_reach_the_right_futures_when_jobs_finish_out_of_order(shared_server, clients):
+    t = job_type()
+    finished = []
+
+    def slow_echo(arg):
+        gevent.sleep(random.random() * 0.01)
+        finished.append(arg)
+        return {"echo": arg}
+
+    worker = clients(shared_server.address)
+    worker.can_do({t: slow_echo}, capacity=16)
+    submitter = clients(shared_server.address)
+    jobs = [submitter.do(t, n) for n in range(300)]
+    assert [job.get(WAIT) for job in jobs] == [{"echo": n} for n in range(300)]
+    assert finished != sorted(finished), "jobs should have finished out of order"
+    assert len({job.id for job in jobs}) == 300
+
+
+def test_get_times_out_and_the_job_still_gets_its_result(shared_server, clients):
+    t = job_type()
+    submitter = clients(shared_server.address)
+    job = submitter.do(t, "late")
+    assert not job.ready() and not job.successful()
+    with pytest.raises(Timeout) as raised:
+        job.get(timeout=0.05)
+    assert isinstance(raised.value, gevent.Timeout)
+    assert isinstance(raised.value, DeputyError)
+    assert "no result after 0.05 s" in str(raised.value)
+    worker = clients(shared_server.address)
+    worker.can_do({t: lambda arg: arg.upper()})
+    assert job.get(WAIT) == "LATE"
+    assert job.ready() and job.successful()
+    assert submitter.call(t, "again", timeout=WAIT) == "AGAIN"
+
+
+def test_arg_defaults_to_null_and_any_json_value_round_trips(shared_server, clients):
+    t = job_type()
+    worker = clients(shared_server.address)
+    worker.can_do({t: lambda arg: arg})
+    submitter = clients(shared_server.address)
+    assert submitter.call(t, timeout=WAIT) is None
+    value = {"s": "é\u2028", "n": [1, -2.5, 2 ** 63 - 1], "b": [True, False, None], "o": {}}
+    assert submitter.call(t, value, timeout=WAIT) == value
+
+
+def test_an_arg_that_is_not_json_raises_at_once(shared_server, clients):
+    submitter = clients(shared_server.address)
+    with pytest.raises(DeputyError, match="cannot send"):
+        submitter.do(job_type(), {1, 2})
+    with pytest.raises(DeputyError):
+        submitter.do(job_type(), 2 ** 70)
+
+
+def test_a_job_the_server_refuses_fails_with_the_servers_error(shared_server, clients):
+    submitter = clients(shared_server.address)
+    job = submitter.do(12345, "a type must be a string")
+    with pytest.raises(JobRefused) as raised:
+        job.get(WAIT)
+    assert isinstance(raised.value, JobFailed)
+    assert "refused by %s" % shared_server.address in raised.value.error
+    assert job.ready() and not job.successful()
+    assert job.exception is raised.value
+
+
+def test_call_and_map(shared_server, clients):
+    t = job_type()
+    worker = clients(shared_server.address)
+
+    @worker.can_do(t, capacity=8)
+    def square(arg):
+        if arg == "boom":
+            raise ValueError("not a number")
+        return arg * arg
+
+    submitter = clients(shared_server.address)
+    assert submitter.call(t, 7, timeout=WAIT) == 49
+    assert submitter.map(t, range(100), timeout=WAIT) == [n * n for n in range(100)]
+    assert submitter.map(t, [], timeout=WAIT) == []
+    with pytest.raises(JobFailed, match="not a number"):
+        submitter.map(t, [1, "boom", 3], timeout=WAIT)
+
+
+def test_map_timeout_bounds_the_whole_call(shared_server, clients):
+    submitter = clients(shared_server.address)
+    with pytest.raises(Timeout):
+        submitter.map(job_type(), [1, 2, 3], timeout=0.1)
+
+
+# -- handlers ------------------------------------------------------------------
+
+def test_a_raising_handler_fails_its_job_and_the_worker_goes_on(shared_server, clients):
+    t = job_type()
+
+    def picky(arg):
+        if arg == 3:
+            raise ValueError("bad input %s" % arg)
+        if arg == 4:
+            raise KeyError("x")
+        if arg == 5:
+            raise RuntimeError()
+        if arg == 6:
+            raise JobFailed("exactly this text")
+        if arg == 7:
+            return {1, 2}
+        return arg
+
+    worker = clients(shared_server.address)
+    worker.can_do({t: picky})
+    submitter = clients(shared_server.address)
+    jobs = [submitter.do(t, n) for n in range(1, 9)]
+    outcomes = [outcome(job) for job in jobs]
+    assert outcomes[:2] == [1, 2]
+    assert outcomes[2] == ("failed", "ValueError: bad input 3")
+    assert outcomes[3] == ("failed", "KeyError: 'x'")
+    assert outcomes[4] == ("failed", "RuntimeError")
+    assert outcomes[5] == ("failed", "exactly this text")
+    assert outcomes[6][0] == "failed"
+    assert outcomes[6][1].startswith("TypeError: result is not JSON")
+    assert outcomes[7] == 8
+
+
+def outcome(job):
+    try:
+        return job.get(WAIT)
+    except JobFailed as error:
+        return ("failed", error.error)
+
+
+@pytest.mark.parametrize("capacity", [1, 4])
+def test_capacity_n_runs_n_handlers_at_once_and_never_more(shared_server, clients, capacity):
+    t = job_type()
+    gate = gevent.event.Event()
+    state = {"running": 0, "peak": 0}
+
+    def held_at_gate(arg):
+        state["running"] += 1
+        state["peak"] = max(state["peak"], state["running"])
+        gate.wait(WAIT)
+        state["running"] -= 1
+        return arg
+
+    worker = clients(shared_server.address)
+    if capacity == 1:
+        worker.can_do({t: held_at_gate})          # the default capacity
+    else:
+        worker.can_do({t: held_at_gate}, capacity=capacity)
+    submitter = clients(shared_server.address)
+    jobs = [submitter.do(t, n) for n in range(capacity * 3)]
+    wait_until(lambda: state["running"] == capacity, what="%d handlers running" % capacity)
+    gevent.sleep(0.2)
+    assert state["running"] == capacity
+    gate.set()
+    assert [job.get(WAIT) for job in jobs] == list(range(capacity * 3))
+    assert state["peak"] == capacity
+
+
+def test_each_handler_runs_in_its_own_greenlet(shared_server, clients):
+    t = job_type()
+    seen = []
+
+    def where(arg):
+        seen.append(gevent.getcurrent())
+        gevent.sleep(0.01)
+        return arg
+
+    worker = clients(shared_server.address)
+    worker.can_do({t: where}, capacity=3)
+    submitter = clients(shared_server.address)
+    submitter.map(t, range(3), timeout=WAIT)
+    assert len(set(map(id, seen))) == 3
+    assert gevent.getcurrent() not in seen
+
+
+def test_decorator_forms_of_can_do(shared_server, clients):
+    t = job_type("shout")
+    worker = clients(shared_server.address)
+
+    @worker.can_do(t, capacity=2)
+    def shout(arg):
+        return arg.upper()
+
+    @worker.can_do
+    def whisper_for_test_decorator(arg):
+        return arg.lower()
+
+    assert shout("x") == "X"          # the decorator gives the function back
+    submitter = clients(shared_server.address)
+    assert submitter.call(t, "hi", timeout=WAIT) == "HI"
+    assert submitter.call("whisper_for_test_decorator", "HO", timeout=WAIT) == "ho"
+
+
+def test_can_do_checks_its_arguments(shared_server, clients):
+    worker = clients(shared_server.address)
+    with pytest.raises(DeputyError):
+        worker.can_do({"t": "not callable"})
+    with pytest.raises(DeputyError):
+        worker.can_do({"t": len}, capacity=0)
+    with pytest.raises(DeputyError):
+        worker.can_do({"t": len}, capacity=True)
+
+
+def test_a_handler_may_submit_jobs_itself(shared_server, clients):
+    outer, inner = job_type("outer"), job_type("inner")
+    worker = clients(shared_server.address)
+
+    def plus_one(arg):
+        return arg + 1
+
+    def twice_plus_one(arg):
+        return worker.call(inner, arg, timeout=WAIT) + worker.call(inner, arg, timeout=WAIT)
+
+    worker.can_do({outer: twice_plus_one, inner: plus_one}, capacity=2)
+    submitter = clients(shared_server.address)
+    assert submitter.call(outer, 10, timeout=WAIT) == 22
+
+
+def test_one_client_submits_and_works_on_one_connection(shared_server, clients):
+    t = job_type()
+    both = clients(shared_server.address)
+    both.can_do({t: lambda arg: -arg}, capacity=4)
+    assert both.map(t, range(50), timeout=WAIT) == [-n for n in range(50)]
+    assert len(both.connections) == 1
+
+
+def test_progress_outside_a_handler_is_an_error():
+    with pytest.raises(DeputyError, match="outside a job handler"):
+        progress(50)
+
+
+def test_work_blocks_until_close(shared_server, clients):
+    worker = clients(shared_server.address)
+    with pytest.raises(DeputyError, match="can_do"):
+        worker.work()
+    worker.can_do({job_type(): len})
+    working = gevent.spawn(worker.work)
+    gevent.sleep(0.1)
+    assert not working.dead
+    worker.close()
+    working.join(WAIT)
+    assert working.successful()
+
+
+def test_close_fails_unanswered_jobs_and_later_calls(shared_server):
+    t = job_type()
+    with Client(shared_server.address) as submitter:
+        job = submitter.do(t, 1)
+        gevent.sleep(0.05)
+    assert submitter.closed
+    with pytest.raises(ClientClosed):
+        job.get(WAIT)
+    with pytest.raises(ClientClosed):
+        submitter.do(t, 2)
+    submitter.close()                   # closing twice is harmless
+
+
+def test_close_sends_what_was_submitted_just_before(shared_server, clients):
+    t = job_type()
+    worker = clients(shared_server.address)
+    worker.can_do({t: len})
+    wait_until(lambda: worker.connections[0].live, what="worker connected")
+    with Client(shared_server.address) as submitter:
+        wait_until(lambda: submitter.connections[0].live, what="submitter connected")
+        submitter.do(t, "sent before close", bg=True)
+    observer = clients(shared_server.address)
+    wait_until(lambda: observer.metrics()["types"].get(t, {}).get("queued", 1) == 0
+               and observer.metrics()["jobs_added"] > 0, what="the job reached the server")
+
+
+def test_metrics(shared_server, clients):
+    t = job_type()
+    worker = clients(shared_server.address)
+    worker.can_do({t: len})
+    worker.call(t, "four", timeout=WAIT)
+    metrics = worker.metrics()
+    for key in ("up_since", "connections", "connections_open", "workers", "jobs_added",
+                "jobs_dispatched", "jobs_done", "jobs_failed", "jobs_reassigned",
+                "jobs_abandoned", "jobs_queued", "jobs_running", "types"):
+        assert key in metrics
+    assert metrics["types"][t]["workers"] == 1
+    assert "servers" not in metrics
+
+
+def test_metrics_of_an_unreachable_server_fail_at_once_with_the_reason(clients):
+    lonely = clients(("127.0.0.1", free_port()))
+    with pytest.raises(DeputyError, match="cannot reach 127.0.0.1:.*refused") as raised:
+        lonely.metrics(timeout=WAIT)
+    assert not isinstance(raised.value, Timeout)
+
+
+def test_metrics_time_out_when_the_server_does_not_answer(clients):
+    with socket.socket() as silent:                 # listens, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        client = clients(silent.getsockname())
+        with pytest.raises(Timeout, match="no metrics from .* within 0.3 s"):
+            client.metrics(timeout=0.3)
+
+
+def test_lines_the_client_cannot_use_are_logged_and_skipped(clients, caplog):
+    received = []
+
+    def scripted_server(sock, address):
+        for line in sock.makefile("rb"):
+            received.append(line)
+            sock.sendall(b'not json\r\n[1, 2]\r\n{"cmd": "did", "id": [1]}\r\n'
+                         b'{"cmd": "nonsense"}\r\n{"no": "cmd"}\r\n\r\n'
+                         b'{"cmd": "metrics", "metrics": {"jobs_added": 7}}\r\n')
+
+    server = gevent.server.StreamServer(("127.0.0.1", 0), scripted_server)
+    server.start()
+    try:
+        client = clients(("127.0.0.1", server.server_port))
+        assert client.metrics(timeout=WAIT) == {"jobs_added": 7}
+        assert client.metrics(timeout=WAIT) == {"jobs_added": 7}
+    finally:
+        server.stop()
+    assert received == [b'{"cmd":"metrics"}\r\n'] * 2
+    complaints = [r.getMessage() for r in caplog.records if "cannot use" in r.getMessage()]
+    assert len(complaints) == 8          # the did for no job of ours is not worth a warning
+    for what in ("JSONDecodeError", "TypeError", "KeyError: 'nonsense'", "KeyError: 'cmd'"):
+        assert sum(what in complaint for complaint in complaints) == 2
+
+
+# -- surviving the network -------------------------------------------------------
+
+def test_calls_made_before_the_server_is_up_go_out_when_it_is(start_server, clients):
+    port = free_port()
+    t = job_type()
+    worker = clients(("127.0.0.1", port))
+    worker.can_do({t: lambda arg: arg * 3})
+    submitter = clients(("127.0.0.1", port))
+    jobs = [submitter.do(t, n) for n in range(5)]
+    gevent.sleep(0.2)
+    assert not any(job.ready() for job in jobs)
+    start_server(port=port)
+    assert [job.get(WAIT) for job in jobs] == [0, 3, 6, 9, 12]
+
+
+def test_a_server_that_hangs_up_at_once_is_retried_with_backoff(clients):
+    accepted = []
+
+    def hang_up(sock, address):
+        accepted.append(address)
+        sock.close()
+
+    server = gevent.server.StreamServer(("127.0.0.1", 0), hang_up)
+    server.start()
+    try:
+        client = clients(("127.0.0.1", server.server_port))
+        job = client.do("t", 1)
+        gevent.sleep(1.0)
+    finally:
+        server.stop()
+    # 0.05 s doubling: a handful of attempts in a second, not a busy loop.
+    assert 3 <= len(accepted) <= 12
+    assert not job.ready()
+
+
+def test_close_from_inside_a_handler(shared_server, clients):
+    t = job_type()
+    worker = clients(shared_server.address)
+    stopped = gevent.event.Event()
+
+    def last_job(arg):
+        worker.close()
+        stopped.set()
+        return arg
+
+    worker.can_do({t: last_job})
+    working = gevent.spawn(worker.work)
+    submitter = clients(shared_server.address)
+    submitter.do(t, 1)
+    assert stopped.wait(WAIT)
+    working.join(WAIT)
+    assert working.successful() and worker.closed
+
+
+WORKER_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, %r)
+    import gevent
+    from deputy_client import Client
+
+    client = Client(sys.argv[1])
+
+    def stuck(arg):
+        print("started", arg, flush=True)
+        gevent.sleep(60)
+
+    client.can_do({sys.argv[2]: stuck})
+    client.work()
+""" % ROOT)
+
+
+def test_a_worker_killed_mid_job_its_job_finishes_elsewhere(server, clients):
+    t = job_type()
+    doomed = gevent.subprocess.Popen(
+        [sys.executable, "-c", WORKER_SCRIPT, server.address, t],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        submitter = clients(server.address)
+        job = submitter.do(t, "precious")
+        with gevent.Timeout(WAIT):
+            assert doomed.stdout.readline() == "started precious\n"
+        os.killpg(doomed.pid, signal.SIGKILL)
+        doomed.wait(WAIT)
+    finally:
+        if doomed.poll() is None:
+            os.killpg(doomed.pid, signal.SIGKILL)
+            doomed.wait(WAIT)
+        doomed.stdout.close()
+    rescuer = clients(server.address)
+    rescuer.can_do({t: lambda arg: "rescued " + arg})
+    assert job.get(WAIT) == "rescued precious"
+    assert submitter.metrics()["jobs_reassigned"] == 1
+
+
+def test_a_job_held_when_the_connection_drops_is_killed_and_done_again(start_server, clients):
+    server = start_server()
+    t = job_type()
+    attempts, cancellations = [], []
+
+    def stuck_the_first_time(arg):
+        attempts.append(arg)
+        if len(attempts) == 1:
+            try:
+                gevent.sleep(WAIT)
+            except JobCancelled as cancelled:
+                cancellations.append(str(cancelled))
+                raise
+        return "attempt %d" % len(attempts)
+
+    worker = clients(server.address)
+    worker.can_do({t: stuck_the_first_time})
+    submitter = clients(server.address)
+    job = submitter.do(t, "x")
+    wait_until(lambda: attempts, what="the first attempt")
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(WAIT)
+    wait_until(lambda: cancellations, what="the handler killed")
+    assert "connection to %s lost" % server.address in cancellations[0]
+    start_server(port=server.port)
+    assert job.get(WAIT) == "attempt 2"
+
+
+def test_server_killed_and_restarted_mid_batch_every_job_gets_one_result(
+        start_server, clients, caplog):
+    caplog.set_level(logging.DEBUG, logger="deputy_client")
+    server = start_server()
+    t = job_type()
+    runs = {}
+
+    def tenfold(arg):
+        runs[arg] = runs.get(arg, 0) + 1
+        gevent.sleep(0.002)
+        return arg * 10
+
+    worker = clients(server.address)
+    worker.can_do({t: tenfold}, capacity=8)
+    submitter = clients(server.address)
+    jobs = [submitter.do(t, n) for n in range(400)]
+    wait_until(lambda: sum(job.ready() for job in jobs) >= 50, what="50 results")
+    os.killpg(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(WAIT)
+    # Once the client has seen the end of the stream, every result the
+    # server sent before dying has been read: the rest must be resubmitted.
+    wait_until(lambda: not submitter.connections[0].connected, what="the loss noticed")
+    finished_before = sum(job.ready() for job in jobs)
+    assert finished_before < 400, "the server should die mid-batch"
+    submitted_while_down = [submitter.do(t, n) for n in range(400, 450)]
+    restarted = start_server(port=server.port)
+    jobs += submitted_while_down
+    assert [job.get(WAIT) for job in jobs] == [n * 10 for n in range(450)]
+    assert set(runs) == set(range(450))
+    observer = restarted.connect()
+    try:
+        assert observer.metrics()["jobs_added"] == 450 - finished_before
+    finally:
+        observer.close()
+    assert not [r for r in caplog.records if "no pending job" in r.getMessage()]
+    assert [r for r in caplog.records if "lost connection" in r.getMessage()]
+
+
+MONKEY_SCRIPT = textwrap.dedent("""
+    from gevent import monkey
+    monkey.patch_all()
+    import sys, threading, time
+    sys.path.insert(0, %r)
+    from deputy_client import Client
+
+    address, job_type = sys.argv[1], sys.argv[2]
+
+    def square(arg):
+        time.sleep(0.01)            # patched: yields to the other threads
+        return arg * arg
+
+    worker = Client(address)
+    worker.can_do({job_type: square}, capacity=4)
+    threading.Thread(target=worker.work, daemon=True).start()
+    results = {}
+
+    def submit(n):
+        with Client(address) as client:
+            results[n] = client.call(job_type, n, timeout=10)
+
+    threads = [threading.Thread(target=submit, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    worker.close()
+    print(sorted(results.items()))
+""" % ROOT)
+
+
+def test_works_in_a_script_that_called_monkey_patch_all(shared_server):
+    done = subprocess.run([sys.executable, "-c", MONKEY_SCRIPT, shared_server.address, job_type()],
+                          capture_output=True, text=True, timeout=WAIT * 2)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str([(n, n * n) for n in range(8)])

@@ -1,0 +1,244 @@
+"""`deputy-client`, run as `python deputy_client.py` against a real server
+(issue 3's command line; `status` from issue 6)."""
+import signal
+import sys
+import textwrap
+
+import gevent
+import orjson
+import pytest
+
+from test_client_helpers import (
+    WAIT, free_port, job_type, run_cli, start_cli, stop_process, wait_until)
+import deputy_client
+
+pytest_plugins = ["test_client_helpers"]    # the clients and shared_server fixtures
+
+
+def echo_worker(clients, server, t, capacity=4):
+    worker = clients(server.address)
+
+    def echo(arg):
+        if arg == "fail":
+            raise ValueError("asked to fail")
+        return {"got": arg}
+
+    worker.can_do({t: echo}, capacity=capacity)
+    return worker
+
+
+def test_help_and_version():
+    helped = run_cli("--help")
+    assert helped.returncode == 0
+    for command in ("do TYPE", "map TYPE FILE", "metrics", "status", "work TYPE", "--address"):
+        assert command in helped.stdout
+    versioned = run_cli("--version")
+    assert versioned.returncode == 0
+    assert versioned.stdout.strip() == deputy_client.__version__
+
+
+def test_a_bad_command_line_is_a_usage_error_without_traceback():
+    done = run_cli("frobnicate")
+    assert done.returncode != 0
+    assert "Usage:" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1:notaport", "127.0.0.1:99999"])
+def test_a_bad_address_exits_2_with_one_line(address):
+    done = run_cli("-a", address, "metrics")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "bad port" in done.stderr
+
+
+@pytest.mark.parametrize("option, value, complaint", [
+    ("--timeout", "0", "--timeout must be positive"),
+    ("--ttr", "-1", "--ttr must be positive"),
+    ("--priority", "high", "--priority must be a number"),
+    ("--capacity", "0", "--capacity must be at least 1"),
+])
+def test_bad_numbers_are_usage_errors(option, value, complaint):
+    command = ["work", "t", option, value, "--", "true"] if option == "--capacity" else [
+        "do", "t", option, value]
+    done = run_cli("-a", "127.0.0.1:1", *command)
+    assert done.returncode == 2
+    assert done.stderr == "deputy-client: %s, got %r\n" % (complaint, value)
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ('{"x": [1, 2]}', {"x": [1, 2]}),
+    ("hello", "hello"),
+    ("-5", -5),
+    ('"quoted"', "quoted"),
+    (None, None),
+])
+def test_do_prints_the_result_as_json(shared_server, clients, arg, expected):
+    t = job_type()
+    echo_worker(clients, shared_server, t)
+    done = run_cli("-a", shared_server.address, "do", t, *([] if arg is None else [arg]))
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout) == {"got": expected}
+    assert done.stdout.count("\n") == 1
+
+
+def test_do_of_a_failing_job_exits_1_with_the_error_on_stderr(shared_server, clients):
+    t = job_type()
+    echo_worker(clients, shared_server, t)
+    done = run_cli("-a", shared_server.address, "do", t, "fail")
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr == "deputy-client: ValueError: asked to fail\n"
+
+
+def test_do_with_no_server_says_why_and_times_out():
+    done = run_cli("-a", "127.0.0.1:%d" % free_port(), "do", "t", "--timeout", "0.5")
+    assert done.returncode == 1
+    assert "cannot connect to 127.0.0.1" in done.stderr
+    assert "timeout" in done.stderr.splitlines()[-1]
+
+
+def test_map_reads_a_file_and_prints_results_in_order(shared_server, clients, tmp_path):
+    t = job_type()
+    echo_worker(clients, shared_server, t, capacity=8)
+    args_file = tmp_path / "args.jsonl"
+    args_file.write_text("\n".join(str(n) for n in range(200)) + "\n\nword\n")
+    done = run_cli("-a", shared_server.address, "map", t, str(args_file))
+    assert done.returncode == 0, done.stderr
+    results = [orjson.loads(line) for line in done.stdout.splitlines()]
+    assert results == [{"got": n} for n in range(200)] + [{"got": "word"}]
+    assert done.stderr == ""                   # no progress line: stderr is no terminal
+
+
+def test_map_reads_stdin_and_marks_failed_jobs(shared_server, clients):
+    t = job_type()
+    echo_worker(clients, shared_server, t)
+    done = run_cli("-a", shared_server.address, "map", t, "-", input='1\n"fail"\n3\n')
+    assert done.returncode == 1
+    assert done.stdout.splitlines() == ['{"got":1}', "null", '{"got":3}']
+    assert done.stderr == "deputy-client: job 2 failed: ValueError: asked to fail\n"
+
+
+def test_map_of_a_missing_file_is_a_usage_error(shared_server):
+    done = run_cli("-a", shared_server.address, "map", "t", "/nonexistent/args")
+    assert done.returncode == 2
+    assert "cannot read /nonexistent/args" in done.stderr
+
+
+def test_metrics_pretty_prints(shared_server):
+    done = run_cli("-a", shared_server.address, "metrics")
+    assert done.returncode == 0, done.stderr
+    metrics = orjson.loads(done.stdout)
+    assert "jobs_added" in metrics and "types" in metrics
+    assert '\n  "connections"' in done.stdout
+
+
+def test_metrics_without_a_server_fails_with_the_reason():
+    done = run_cli("-a", "127.0.0.1:%d" % free_port(), "metrics")
+    assert done.returncode == 1
+    assert "no metrics: cannot reach 127.0.0.1" in done.stderr and "refused" in done.stderr
+
+
+def test_main_is_the_console_entry_point(shared_server, capsys):
+    assert deputy_client.main(["-a", shared_server.address, "metrics"]) == 0
+    assert "jobs_added" in orjson.loads(capsys.readouterr().out)
+
+
+def test_status_prints_a_table_per_type(shared_server, clients):
+    t = job_type("status")
+    submitter = clients(shared_server.address)
+    for n in range(3):
+        submitter.do(t, n)
+    wait_until(lambda: submitter.metrics()["types"].get(t, {}).get("queued") == 3)
+    done = run_cli("-a", shared_server.address, "status")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["TYPE", "QUEUED", "RUNNING", "WORKERS", "IDLE"]
+    assert [t, "3", "0", "0", "0"] in [line.split() for line in lines[1:]]
+
+
+def test_status_watch_redraws_until_stopped(shared_server):
+    watcher = start_cli("-a", shared_server.address, "status", "--watch", "--interval", "0.1",
+                        stdout=gevent.subprocess.PIPE, text=True)
+    try:
+        with gevent.Timeout(WAIT):
+            headers = 0
+            while headers < 3:
+                if watcher.stdout.readline().split()[:1] == ["TYPE"]:
+                    headers += 1
+        watcher.send_signal(signal.SIGINT)
+        assert watcher.wait(WAIT) == 0
+    finally:
+        stop_process(watcher)
+        watcher.stdout.close()
+
+
+def test_status_watch_keeps_watching_while_the_server_is_down(start_server):
+    port = free_port()
+    watcher = start_cli("-a", "127.0.0.1:%d" % port, "status", "--watch", "--interval", "0.1",
+                        stdout=gevent.subprocess.PIPE, text=True)
+    try:
+        with gevent.Timeout(WAIT):
+            assert "cannot reach 127.0.0.1:%d" % port in read_until(watcher, "cannot reach")
+            start_server(port=port)
+            read_until(watcher, "TYPE")
+        assert watcher.poll() is None
+    finally:
+        stop_process(watcher)
+        watcher.stdout.close()
+
+
+def read_until(process, text):
+    while True:
+        line = process.stdout.readline()
+        assert line, "the process ended"
+        if text in line:
+            return line
+
+
+COMMAND = textwrap.dedent("""
+    import json, sys
+    arg = json.load(sys.stdin)
+    if arg == "fail":
+        sys.stderr.write("first line\\nthe real reason\\n")
+        sys.exit(3)
+    if arg == "silent":
+        sys.exit(4)
+    if arg == "text":
+        print("not json at all")
+    else:
+        print(json.dumps({"double": arg * 2}))
+""")
+
+
+def test_work_runs_the_command_for_each_job(shared_server, clients):
+    t = job_type()
+    worker = start_cli("-a", shared_server.address, "work", t, "--capacity", "2", "--",
+                       sys.executable, "-c", COMMAND)
+    try:
+        submitter = clients(shared_server.address)
+        jobs = [submitter.do(t, arg) for arg in (21, "fail", "text", "silent", [1])]
+        assert jobs[0].get(WAIT) == {"double": 42}
+        with pytest.raises(deputy_client.JobFailed) as failed:
+            jobs[1].get(WAIT)
+        assert failed.value.error == "the real reason"
+        assert jobs[2].get(WAIT) == "not json at all"
+        with pytest.raises(deputy_client.JobFailed) as silent:
+            jobs[3].get(WAIT)
+        assert silent.value.error == "command exited with status 4"
+        assert jobs[4].get(WAIT) == {"double": [1, 1]}
+        assert submitter.metrics()["types"][t]["workers"] == 1
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(WAIT) == 0
+    finally:
+        stop_process(worker)
+
+
+def test_work_reports_a_command_that_cannot_start(shared_server, clients):
+    t = job_type()
+    worker = start_cli("-a", shared_server.address, "work", t, "--", "/nonexistent/command")
+    try:
+        submitter = clients(shared_server.address)
+        with pytest.raises(deputy_client.JobFailed, match="cannot run /nonexistent/command"):
+            submitter.call(t, 1, timeout=WAIT)
+    finally:
+        stop_process(worker)

@@ -1,0 +1,211 @@
+"""One client over several servers (SPEC section 9, issue 7), and servers
+going away: killed, restarted, draining."""
+import os
+import signal
+
+import gevent
+import gevent.event
+import orjson
+import pytest
+
+pytest_plugins = ["test_client_helpers"]    # the clients and shared_server fixtures
+
+from test_client_helpers import WAIT, job_type, run_cli, wait_until
+
+
+@pytest.fixture
+def three_servers(start_server):
+    return [start_server() for _ in range(3)]
+
+
+def addresses(servers):
+    return [server.address for server in servers]
+
+
+def all_live(client):
+    wait_until(lambda: all(conn.live for conn in client.connections),
+               what="every server connected")
+    return client
+
+
+class CapacityWatch:
+    """A handler that counts how many of its calls run at once."""
+
+    def __init__(self, seconds=0.002):
+        self.running = self.peak = 0
+        self.seconds = seconds
+
+    def __call__(self, arg):
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            gevent.sleep(self.seconds)
+        finally:
+            self.running -= 1
+        return arg * 2
+
+
+def jobs_added(server):
+    conn = server.connect()
+    try:
+        return conn.metrics()["jobs_added"]
+    finally:
+        conn.close()
+
+
+def test_jobs_go_round_robin_over_live_servers(three_servers, clients):
+    t = job_type()
+    worker = all_live(clients(addresses(three_servers)))
+    worker.can_do({t: CapacityWatch()}, capacity=4)
+    submitter = all_live(clients(addresses(three_servers)))
+    assert submitter.map(t, range(300), timeout=WAIT) == [n * 2 for n in range(300)]
+    assert [jobs_added(server) for server in three_servers] == [100, 100, 100]
+
+
+def test_a_unique_key_goes_to_the_same_server_from_every_client(three_servers, clients):
+    t = job_type()
+    first = all_live(clients(addresses(three_servers)))
+    second = all_live(clients(list(reversed(addresses(three_servers)))))
+    keys = ["key-%d" % n for n in range(30)]
+    jobs = [first.do(t, key, unique=key) for key in keys]
+    wait_until(lambda: first.metrics()["jobs_queued"] == 30, what="30 jobs queued")
+    jobs += [second.do(t, "joins " + key, unique=key) for key in keys]
+    wait_until(lambda: first.metrics()["jobs_coalesced"] == 30, what="every key joined")
+    per_server = [jobs_added(server) for server in three_servers]
+    assert sum(per_server) == 60 and all(count > 0 for count in per_server)
+    worker = clients(addresses(three_servers))
+    worker.can_do({t: lambda arg: arg}, capacity=8)
+    assert [job.get(WAIT) for job in jobs] == keys + keys
+
+
+def test_worker_capacity_is_shared_across_servers(three_servers, clients):
+    t = job_type()
+    watches = [CapacityWatch(0.005), CapacityWatch(0.005)]
+    for watch in watches:
+        worker = all_live(clients(addresses(three_servers)))
+        worker.can_do({t: watch}, capacity=3)
+    submitter = all_live(clients(addresses(three_servers)))
+    assert submitter.map(t, range(300), timeout=WAIT * 2) == [n * 2 for n in range(300)]
+    assert [watch.peak for watch in watches] == [3, 3]
+
+
+def test_a_lost_server_jobs_go_to_the_others_and_it_takes_jobs_again_when_back(
+        three_servers, clients, start_server):
+    t = job_type()
+    watches = [CapacityWatch(0.003), CapacityWatch(0.003)]
+    for watch in watches:
+        all_live(clients(addresses(three_servers))).can_do({t: watch}, capacity=3)
+    submitter = all_live(clients(addresses(three_servers)))
+    jobs = [submitter.do(t, n) for n in range(600)]
+    wait_until(lambda: sum(job.ready() for job in jobs) >= 100, what="100 results")
+    doomed = three_servers[1]
+    os.killpg(doomed.proc.pid, signal.SIGKILL)
+    doomed.proc.wait(WAIT)
+    assert sum(job.ready() for job in jobs) < 600, "the server should die mid-batch"
+    # Its unanswered jobs go to the two others at once: no waiting for it.
+    assert [job.get(WAIT) for job in jobs] == [n * 2 for n in range(600)]
+    restarted = start_server(port=doomed.port)
+    wait_until(lambda: all(conn.live for conn in submitter.connections), what="reconnected")
+    assert submitter.map(t, range(90), timeout=WAIT) == [n * 2 for n in range(90)]
+    assert jobs_added(restarted) == 30
+    assert max(watch.peak for watch in watches) <= 3
+
+
+def test_metrics_add_up_all_servers_and_show_each(three_servers, clients):
+    t = job_type()
+    submitter = all_live(clients(addresses(three_servers)))
+    for n in range(6):
+        submitter.do(t, n)
+    wait_until(lambda: submitter.metrics()["jobs_queued"] == 6, what="6 jobs queued")
+    metrics = submitter.metrics()
+    assert sorted(metrics["servers"]) == sorted(addresses(three_servers))
+    each = list(metrics["servers"].values())
+    assert [m["jobs_added"] for m in each] == [2, 2, 2]
+    assert metrics["jobs_added"] == 6
+    assert metrics["types"][t]["queued"] == 6
+    assert metrics["connections_open"] == sum(m["connections_open"] for m in each)
+    assert metrics["up_since"] == min(m["up_since"] for m in each)
+
+
+def test_metrics_show_a_server_that_does_not_answer(three_servers, clients):
+    submitter = all_live(clients(addresses(three_servers)))
+    three_servers[2].stop()
+    wait_until(lambda: not submitter.connections[2].live, what="the server gone")
+    metrics = submitter.metrics(timeout=0.5)
+    assert metrics["servers"][three_servers[2].address] is None
+    assert metrics["connections_open"] == sum(
+        m["connections_open"] for m in metrics["servers"].values() if m)
+
+
+def test_cli_status_and_metrics_over_several_servers(three_servers, clients):
+    t = job_type("multi")
+    submitter = all_live(clients(addresses(three_servers)))
+    for n in range(3):
+        submitter.do(t, n)
+    wait_until(lambda: submitter.metrics()["jobs_queued"] == 3, what="3 jobs queued")
+    flags = [word for server in three_servers for word in ("-a", server.address)]
+    status = run_cli(*flags, "status")
+    assert status.returncode == 0, status.stderr
+    rows = [line.split() for line in status.stdout.splitlines()]
+    assert rows[0] == ["SERVER", "TYPE", "QUEUED", "RUNNING", "WORKERS", "IDLE"]
+    for server in three_servers:
+        assert [server.address, t, "1", "0", "0", "0"] in rows
+    assert ["all", t, "3", "0", "0", "0"] in rows
+    metrics = run_cli(*flags, "metrics")
+    assert metrics.returncode == 0, metrics.stderr
+    shown = orjson.loads(metrics.stdout)
+    assert shown["jobs_added"] == 3 and len(shown["servers"]) == 3
+
+
+# -- draining --------------------------------------------------------------------
+
+def gated_worker(clients, server_addresses, t):
+    """A worker whose handler waits for a gate; -> (started, gate)."""
+    started, gate = gevent.event.Event(), gevent.event.Event()
+
+    def gated(arg):
+        started.set()
+        gate.wait(WAIT)
+        return arg
+
+    worker = all_live(clients(server_addresses))
+    worker.can_do({t: gated}, capacity=4)
+    return started, gate
+
+
+def test_jobs_refused_by_a_draining_server_go_to_another(start_server, clients):
+    servers = [start_server(), start_server()]
+    t = job_type()
+    submitter = all_live(clients(addresses(servers)))
+    started, gate = gated_worker(clients, addresses(servers), t)
+    in_flight = submitter.do(t, "in flight")            # round robin: the second server
+    assert started.wait(WAIT)
+    draining = next(s for s in servers if s.address == in_flight._conn.label)
+    draining.signal(signal.SIGTERM)
+    gevent.sleep(0.2)
+    later = [submitter.do(t, n) for n in range(6)]
+    wait_until(lambda: sum(job._conn is not None and job._conn.label != draining.address
+                           for job in later) == 6, what="every later job on the other server")
+    gate.set()
+    assert in_flight.get(WAIT) == "in flight"
+    assert [job.get(WAIT) for job in later] == list(range(6))
+    assert draining.wait(WAIT) == 0
+
+
+def test_a_job_refused_while_the_only_server_drains_goes_to_its_successor(start_server, clients):
+    server = start_server()
+    t = job_type()
+    submitter = all_live(clients(server.address))
+    started, gate = gated_worker(clients, server.address, t)
+    in_flight = submitter.do(t, "in flight")
+    assert started.wait(WAIT)
+    server.signal(signal.SIGTERM)
+    gevent.sleep(0.2)
+    refused = submitter.do(t, "refused while draining")
+    gevent.sleep(0.2)
+    assert not refused.ready()
+    gate.set()
+    assert in_flight.get(WAIT) == "in flight"
+    assert server.wait(WAIT) == 0
+    start_server(port=server.port)
+    assert refused.get(WAIT) == "refused while draining"
