@@ -53,7 +53,7 @@ DEFAULT_METRICS_INTERVAL = 5.0           # seconds between -v metrics lines
 DEFAULT_HIGH_WATER = 4 * 1024 * 1024     # unsent bytes before a connection is paused
 DEFAULT_DRAIN_TIMEOUT = 30.0             # seconds SIGTERM waits for running jobs
 RECV_SIZE = 256 * 1024                  # one read: many pipelined lines at once
-YIELD_AFTER_LINES = 64                  # a batch this big yields to other connections
+YIELD_AFTER_LINES = 64                  # a TLS batch this big yields to others
 CLOSE_FLUSH_TIMEOUT = 5.0                # seconds to flush a goodbye before closing
 
 log = logging.getLogger("deputy")
@@ -1044,8 +1044,27 @@ class Connection:
                 self.writer.kill()
             self.sock.close()
 
+    def receiver(self):
+        """A recv(size) for the read loop. On a plain socket it waits for data
+        through the event loop *before* reading: one recv per wake-up instead
+        of a second one that fails with EAGAIN, and every other ready
+        connection gets its turn between two reads (fairness under floods).
+        TLS keeps decrypted bytes of its own, so it reads first."""
+        if self.raw_send is None:
+            return self.sock.recv
+        wait, ready, raw_recv = self.sock._wait, self.sock._read_event, self.sock._sock.recv
+
+        def recv(size):
+            while True:
+                wait(ready)
+                try:
+                    return raw_recv(size)
+                except BlockingIOError:
+                    pass
+        return recv
+
     def read_loop(self):
-        recv = self.sock.recv
+        recv = self.receiver()
         partial = []                # pieces of a line not yet ended
         partial_len = 0
         while not self.closing:
@@ -1073,7 +1092,7 @@ class Connection:
                 if partial_len > self.max_line + 1:
                     return self.line_too_long()
             self.handle_lines(lines)
-            if len(lines) >= YIELD_AFTER_LINES:
+            if len(lines) >= YIELD_AFTER_LINES and self.raw_send is None:
                 self.yield_to_others()
     def yield_to_others(self):
         """recv returns at once while data keeps coming, and gevent.sleep(0)
