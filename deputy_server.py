@@ -65,6 +65,7 @@ log = logging.getLogger("deputy")
 ###############################################################################
 
 CRLF = b"\r\n"
+BIG_READ = 16 * 1024        # reads at least this long are split with find()
 NO_ID = object()            # an error about a message that had no id
 LARGEST_EXACT = 2.0 ** 63   # orjson turns integers beyond 64 bits into floats
 MAX_PAYLOAD_DEPTH = 254     # orjson cannot encode deeper nesting
@@ -101,6 +102,23 @@ def reply_prefix(sub_id):
 
 def encode_cancel(wid):
     return b'{"cmd":"cancel","id":%d}\r\n' % wid
+
+
+def split_lines(data):
+    """-> (complete lines without their LF, the unfinished rest). bytes.split
+    scans byte by byte; for big lines find() (memchr) is ~100x faster."""
+    if len(data) < BIG_READ:
+        lines = data.split(b"\n")
+        return lines, lines.pop()
+    lines = []
+    find = data.find
+    start = 0
+    end = find(b"\n")
+    while end >= 0:
+        lines.append(data[start:end])
+        start = end + 1
+        end = find(b"\n", start)
+    return lines, data[start:]
 
 
 def line_is_blank(line):
@@ -191,9 +209,14 @@ def has_int_beyond_64_bits(line):
     return False
 
 
+SCALARS = (str, int, bool, type(None))     # orjson carries these exactly, always
+
+
 def encode_payload(msg, field, line, default=None):
     """The JSON bytes of msg[field], exactly as received, or ProtocolError."""
     value = msg.get(field, default)
+    if type(value) in SCALARS:
+        return dumps(value)
     if may_hold_big_int(value) and has_int_beyond_64_bits(line):
         raise ProtocolError("%s holds an integer beyond 64 bits, which Deputy cannot "
                             "carry exactly" % field, msg.get("id", NO_ID))
@@ -287,8 +310,10 @@ def parse_do(msg, line):
 
 
 def parse_did(msg, line):
-    """-> (wid, tail): tail is the bytes that follow the id in the reply."""
-    wid = field_wid(msg)
+    """-> (wid, res_json, None) or (wid, None, err)."""
+    wid = msg.get("id")
+    if type(wid) is not int:
+        wid = field_wid(msg)
     has_res = "res" in msg
     if "err" in msg:
         if has_res:
@@ -558,7 +583,8 @@ class Broker:
     def worker_ready(self, peer):
         """peer may have free slots: fill them from its queues, oldest
         (highest priority) job first across its types, then park it."""
-        while peer.has_free_slot() and not self.draining:
+        held, capacity = peer.held, peer.capacity
+        while len(held) < capacity and not self.draining and not peer.paused:
             job = self.best_job_for(peer)
             if job is None:
                 break
@@ -777,7 +803,9 @@ class Broker:
 
     def did(self, peer, wid, res_json, err):
         """A worker finished (res_json) or failed (err) the job it holds as wid."""
-        job = self.held_job(peer, wid)
+        job = peer.held.get(wid)
+        if job is None:
+            raise ProtocolError("no such job held by this connection", wid)
         self.take_back(job)
         job.state = FINISHED
         if err is None:
@@ -1084,8 +1112,7 @@ class Connection:
                 partial.append(data)
                 data = b"".join(partial)
                 partial = []
-            lines = data.split(b"\n")
-            tail = lines.pop()
+            lines, tail = split_lines(data)
             partial_len = len(tail)
             if tail:
                 partial.append(tail)
