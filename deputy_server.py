@@ -1471,7 +1471,9 @@ class Server:
         self.drain_timeout = drain_timeout
         self.metrics_interval = metrics_interval
         self.broker = Broker(max_attempts=max_attempts, default_ttr=default_ttr)
-        self.listeners = []
+        self.listeners = []         # those that take jobs: closed by a drain
+        self.http = None            # stays up during a drain: /health says so
+        self.connections = set()
         self.unix_inode = None
         self.stopped = gevent.event.Event()
         self.exit_code = 0
@@ -1482,7 +1484,15 @@ class Server:
     def handle(self, sock, address):
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        Connection(self, sock, address).serve()
+        self.serve_connection(sock, address)
+
+    def serve_connection(self, sock, address):
+        conn = Connection(self, sock, address)
+        self.connections.add(conn)
+        try:
+            conn.serve()
+        finally:
+            self.connections.discard(conn)
 
     def handle_tls(self, sock, address):
         """The handshake runs in the connection's own greenlet; a failed one
@@ -1495,7 +1505,7 @@ class Server:
             sock.close()
             return
         try:
-            Connection(self, tls_sock, address).serve()
+            self.serve_connection(tls_sock, address)
         finally:
             tls_sock.close()
 
@@ -1508,8 +1518,9 @@ class Server:
                         self.unix_path)
         if self.http_address:
             from gevent.pywsgi import WSGIServer
-            http = WSGIServer(self.http_address, HttpApp(self), log=None, error_log=log)
-            self.listen(http, "http://%s:%d" % self.http_address)
+            self.http = WSGIServer(self.http_address, HttpApp(self), log=None, error_log=log)
+            self.listen(self.http, "http://%s:%d" % self.http_address)
+            self.listeners.remove(self.http)
         handle = self.handle_tls if self.tls_context else self.handle
         tcp = gevent.server.StreamServer((self.host, self.port), handle, backlog=1024)
         self.listen(tcp, "%s:%d" % (self.host, self.port))
@@ -1524,6 +1535,7 @@ class Server:
             listener.start()
         except OSError as exc:
             self.close_listeners()
+            self.close_http()
             raise StartupError("cannot listen on %s: %s" % (where, exc.strerror or exc))
         self.listeners.append(listener)
 
@@ -1566,8 +1578,16 @@ class Server:
         if not self.broker.drained.wait(self.drain_timeout):
             log.warning("drain timeout: %d jobs still running",
                         self.broker.counters.jobs_running)
-        gevent.sleep(0.05)          # let the writers deliver the last results
+        self.flush_connections(timeout=2.0)
         self.stop()
+
+    def flush_connections(self, timeout):
+        """Give the last results a chance to reach their submitters."""
+        with gevent.Timeout(timeout, False):
+            while any(conn.out or conn.writer_owns_socket for conn in self.connections
+                      if not conn.sock.closed):
+                gevent.sleep(0.01)
+        gevent.sleep(0.01)          # flush callbacks scheduled just now
 
     def stop(self):
         self.stopped.set()
@@ -1596,7 +1616,13 @@ class Server:
             self.stopped.wait()
         finally:
             self.close_listeners()
+            self.close_http()
         return self.exit_code
+
+    def close_http(self):
+        if self.http is not None:
+            self.http.close()
+            self.http = None
 
 
 def remove_stale_socket(path):

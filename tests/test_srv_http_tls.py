@@ -213,3 +213,27 @@ def test_status_page_updates_itself_in_a_real_browser(http_server, tmp_path):
         assert os.path.getsize(tmp_path / "status.png") > 1000
     finally:
         browser.quit()
+
+
+def test_health_says_draining_while_a_sigterm_drain_waits(http_server):
+    import signal
+    worker, client = http_server.connect(), http_server.connect()
+    worker.send({"cmd": "can_do", "types": ["slow"]})
+    client.send({"cmd": "do", "id": 1, "type": "slow", "arg": None})
+    job = worker.expect("do")
+    http_server.signal(signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            http_get(http_server.http_port, "/health")
+        except urllib.error.HTTPError as refused:
+            assert refused.code == 503 and refused.read() == b"draining\n"
+            break
+        assert time.monotonic() < deadline, "/health never said draining"
+        time.sleep(0.05)
+    # The job listener is closed, the HTTP one is not.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", http_server.port), timeout=2).close()
+    worker.send({"cmd": "did", "id": job["id"], "res": "late but delivered"})
+    client.expect("did", id=1, res="late but delivered")
+    assert http_server.wait(10) == 0
