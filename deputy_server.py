@@ -22,8 +22,8 @@ coalescing writer, backpressure), HTTP metrics and status page, the server
 (listeners, signals), command line.
 """
 
-import bisect
 import errno
+import heapq
 import hmac
 import json
 import logging
@@ -54,6 +54,7 @@ DEFAULT_HIGH_WATER = 4 * 1024 * 1024     # unsent bytes before a connection is p
 DEFAULT_DRAIN_TIMEOUT = 30.0             # seconds SIGTERM waits for running jobs
 RECV_SIZE = 256 * 1024                  # one read: many pipelined lines at once
 YIELD_AFTER_LINES = 64                  # a TLS batch this big yields to others
+WRITE_CHUNK = 256 * 1024                # most bytes joined for one send
 CLOSE_FLUSH_TIMEOUT = 5.0                # seconds to flush a goodbye before closing
 
 log = logging.getLogger("deputy")
@@ -90,9 +91,12 @@ def encode(message):
 
 
 def encode_error(text, id=NO_ID):
-    if id is NO_ID:
-        return encode({"cmd": "error", "error": text})
-    return encode({"cmd": "error", "error": text, "id": id})
+    if id is not NO_ID:
+        try:
+            return encode({"cmd": "error", "error": text, "id": id})
+        except (JSONEncodeError, TypeError):
+            pass            # an id we cannot echo (too deep, a lone surrogate)
+    return encode({"cmd": "error", "error": text})
 
 
 def reply_prefix(sub_id):
@@ -169,14 +173,19 @@ def salvage_id(line):
     return NO_ID
 
 
-def may_hold_big_int(value):
-    """True when value holds a float that may have been an integer beyond 64
-    bits in the input (orjson silently parses those as floats)."""
+def suspicious_float(number):
+    """orjson turns integers beyond 64 bits into big integral floats, and
+    non-zero literals too small for a double into 0.0."""
+    return number == 0.0 or (number.is_integer() and abs(number) >= LARGEST_EXACT)
+
+
+def may_hold_inexact_number(value):
+    """True when value holds a float that may not be the number that was sent."""
     kind = type(value)
     if kind is str or kind is int or value is None or kind is bool:
         return False
     if kind is float:
-        return value.is_integer() and abs(value) >= LARGEST_EXACT
+        return suspicious_float(value)
     stack = [value]
     while stack:
         container = stack.pop()
@@ -184,7 +193,7 @@ def may_hold_big_int(value):
         for item in items:
             kind = type(item)
             if kind is float:
-                if item.is_integer() and abs(item) >= LARGEST_EXACT:
+                if suspicious_float(item):
                     return True
             elif kind is dict or kind is list:
                 stack.append(item)
@@ -198,13 +207,22 @@ def _exact_int(text):
     return number
 
 
-def has_int_beyond_64_bits(line):
-    """The slow, sure check: the standard library parser keeps big integers."""
+def _exact_float(text):
+    number = float(text)
+    mantissa = text.lower().partition("e")[0]
+    if number == 0.0 and mantissa.strip("-+0.") != "":
+        raise OverflowError(text)       # underflow: a non-zero number became 0
+    return number
+
+
+def has_inexact_number(line):
+    """The slow, sure check: the standard library parser keeps big integers
+    and shows each number's literal."""
     try:
-        json.loads(line, parse_int=_exact_int)
+        json.loads(line, parse_int=_exact_int, parse_float=_exact_float)
     except OverflowError:
         return True
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return False
 
@@ -217,9 +235,10 @@ def encode_payload(msg, field, line, default=None):
     value = msg.get(field, default)
     if type(value) in SCALARS:
         return dumps(value)
-    if may_hold_big_int(value) and has_int_beyond_64_bits(line):
-        raise ProtocolError("%s holds an integer beyond 64 bits, which Deputy cannot "
-                            "carry exactly" % field, msg.get("id", NO_ID))
+    if may_hold_inexact_number(value) and has_inexact_number(line):
+        raise ProtocolError("%s holds a number Deputy cannot carry exactly (an integer "
+                            "beyond 64 bits, or too small for a double)" % field,
+                            msg.get("id", NO_ID))
     try:
         return dumps(value)
     except JSONEncodeError:
@@ -342,7 +361,7 @@ class Job:
 
     __slots__ = ("seq", "kind", "arg_tail", "priority", "owner", "owner_id", "owner_reply",
                  "joined", "bg", "unique", "ttr", "state", "worker", "wid", "attempts",
-                 "ttr_timer", "bg_deadlines")
+                 "ttr_timer", "bg_deadlines", "held_back")
 
     def __init__(self, seq, kind, sub, owner):
         self.seq = seq
@@ -357,6 +376,7 @@ class Job:
         self.joined = None
         self.bg = 1 if sub.bg else 0      # background submissions keeping it alive
         self.bg_deadlines = None            # their timeout timers, if any
+        self.held_back = False              # queued, but set aside: its owner is paused
         self.unique = sub.unique
         self.ttr = sub.ttr
         self.state = QUEUED
@@ -379,21 +399,22 @@ class Job:
 
 class JobQueue:
     """Jobs of one type waiting for a worker: FIFO within a priority, higher
-    priority first. O(1) push/pop while priorities stay few; dead entries
+    priority first. A deque per priority and a heap of the priorities, so
+    push and pop stay O(1) (O(log p) for a new priority); dead entries
     (cancelled, abandoned) are skipped lazily and compacted now and then."""
 
     __slots__ = ("levels", "by_priority", "dead")
 
     def __init__(self):
-        self.levels = []          # priorities with jobs, highest first (negated for bisect)
-        self.by_priority = {}     # priority -> deque of jobs
+        self.levels = []          # heap of negated priorities; may hold stale ones
+        self.by_priority = {}     # priority -> deque of jobs, never empty
         self.dead = 0
 
     def _deque_for(self, priority):
         jobs = self.by_priority.get(priority)
         if jobs is None:
             jobs = self.by_priority[priority] = deque()
-            bisect.insort(self.levels, -priority)
+            heapq.heappush(self.levels, -priority)
         return jobs
 
     def push(self, job):
@@ -404,18 +425,20 @@ class JobQueue:
 
     def head(self):
         """The next live job, or None. Drops dead entries found on the way."""
-        levels = self.levels
+        levels, by_priority = self.levels, self.by_priority
         while levels:
-            priority = -levels[0]
-            jobs = self.by_priority[priority]
+            jobs = by_priority.get(-levels[0])
+            if jobs is None:            # a stale level
+                heapq.heappop(levels)
+                continue
             while jobs:
                 job = jobs[0]
                 if job.state == QUEUED:
                     return job
                 jobs.popleft()
                 self.dead -= 1
-            del self.by_priority[priority]
-            del levels[0]
+            del by_priority[-levels[0]]
+            heapq.heappop(levels)
         return None
 
     def pop_head(self):
@@ -425,7 +448,10 @@ class JobQueue:
         jobs.popleft()
         if not jobs:
             del self.by_priority[priority]
-            del self.levels[0]
+            heapq.heappop(self.levels)
+
+    def is_empty(self):
+        return not self.by_priority
 
     def forget_one(self, live):
         """A queued job died in place; compact when the dead outnumber the live."""
@@ -437,7 +463,8 @@ class JobQueue:
                     self.by_priority[priority] = kept
                 else:
                     del self.by_priority[priority]
-                    self.levels.remove(-priority)
+            self.levels = [-priority for priority in self.by_priority]
+            heapq.heapify(self.levels)
             self.dead = 0
 
 
@@ -469,11 +496,12 @@ class Peer:
     """The broker's view of one connection: what it can do, the jobs it holds
     as a worker, and the jobs it submitted and waits for."""
 
-    __slots__ = ("send", "close", "name", "kinds", "capacity", "held", "jobs", "paused",
+    __slots__ = ("send", "send_many", "close", "name", "kinds", "capacity", "held", "jobs", "paused",
                  "held_back", "deadlines", "closed", "authed")
 
     def __init__(self, link, name=""):
         self.send = link.send       # bytes -> None, never blocks
+        self.send_many = link.send_many     # pieces of one message -> None
         self.close = link.close     # -> None, ends the connection
         self.name = name
         self.kinds = {}             # JobType -> None (ordered: can_do order)
@@ -481,7 +509,7 @@ class Peer:
         self.held = {}              # wid -> Job this worker is doing
         self.jobs = {}              # submitter id -> Job not yet answered
         self.paused = False         # output over the high-water mark
-        self.held_back = []         # its queued jobs skipped while paused
+        self.held_back = {}         # its queued jobs set aside while paused (ordered)
         self.deadlines = None       # submitter id -> timeout timer, when used
         self.closed = False
         self.authed = False
@@ -544,10 +572,11 @@ class Broker:
         c = self.counters
         c.connections_open -= 1
         self.cant_do(peer, [kind.name for kind in peer.kinds])
-        self.requeue_lost(peer)
+        # Its own submissions first, so that jobs it both submitted and held
+        # are not handed out again (SPEC 2.6: never handed out).
         for sub_id, job in list(peer.jobs.items()):
             self.detach(peer, sub_id, job, cancel_running=False)
-        peer.held_back = []
+        self.requeue_lost(peer)
 
     def kind(self, name):
         kind = self.kinds.get(name)
@@ -610,18 +639,25 @@ class Broker:
         return best
 
     def dispatchable_head(self, kind):
-        """The queue's next job whose submitter can take a result now; jobs of
-        a paused submitter are set aside until it drains (SPEC 5)."""
+        """The queue's next job whose submitter can take a result now. A job
+        whose only submitter is paused is set aside until it drains (SPEC 5);
+        one that others wait for too (unique, bg) goes ahead."""
         queue = kind.queue
         while True:
             job = queue.head()
             if job is None:
                 return None
             owner = job.owner
-            if owner is None or not owner.paused:
+            if owner is None or not owner.paused or job.joined or job.bg:
                 return job
             queue.pop_head()
-            owner.held_back.append(job)
+            job.held_back = True
+            owner.held_back[job] = None
+
+    def put_back(self, job):
+        """A set-aside job returns to the front of its queue."""
+        job.held_back = False
+        job.kind.queue.push_front(job)
 
     def assign(self, job, peer):
         """Hand job to peer: a new wid for every hand-out, so a late answer
@@ -692,7 +728,7 @@ class Broker:
         kind.queued += 1
         c.jobs_queued += 1
         idle = kind.idle
-        if idle and not peer.paused and not kind.queue.levels:
+        if idle and not peer.paused and kind.queue.is_empty():
             self.assign(job, next(iter(idle)))      # the common case: no queue
         else:
             kind.queue.push(job)
@@ -708,13 +744,20 @@ class Broker:
             peer.send(b'{"cmd":"queued","id":%s}\r\n' % dumps(sub.id))
             if sub.timeout is not None:
                 self.start_bg_deadline(job, sub.timeout)
-            return
+            return self.unhold(job)
         if job.joined is None:
             job.joined = []
         job.joined.append((peer, sub.id, reply_prefix(sub.id)))
         peer.jobs[sub.id] = job
         if sub.timeout is not None:
             self.start_deadline(peer, sub.id, sub.timeout)
+        self.unhold(job)
+
+    def unhold(self, job):
+        """Others wait for a set-aside job now: it may go ahead again."""
+        if job.held_back:
+            self.release_held_back(job)
+            self.kick(job.kind)
 
     def cancel(self, peer, sub_id):
         job = peer.jobs.get(sub_id)
@@ -730,6 +773,9 @@ class Broker:
         del peer.jobs[sub_id]
         self.stop_deadline(peer, sub_id)
         if job.owner is peer and job.owner_id == sub_id:
+            if job.held_back:           # set aside for this owner: back in line
+                peer.held_back.pop(job, None)
+                self.put_back(job)
             job.owner = None
         elif job.joined:
             job.joined = [entry for entry in job.joined
@@ -759,7 +805,7 @@ class Broker:
         kind = job.kind
         kind.queued -= 1
         self.counters.jobs_queued -= 1
-        kind.queue.forget_one(kind.queued)
+        kind.queue.forget_one(kind.queued)      # its entry stays, dead, in the queue
         self.forget(job)
 
     def forget(self, job):
@@ -773,14 +819,22 @@ class Broker:
 
     def resume_submitter(self, peer):
         """Its output drained: its set-aside jobs go back to the front."""
-        held_back, peer.held_back = peer.held_back, []
+        held_back, peer.held_back = peer.held_back, {}
         kinds = set()
         for job in reversed(held_back):
-            if job.state == QUEUED:
-                job.kind.queue.push_front(job)
+            if job.held_back:
+                self.put_back(job)
                 kinds.add(job.kind)
         for kind in kinds:
             self.kick(kind)
+
+    def release_held_back(self, job):
+        """job was set aside for its paused owner but now has other
+        submitters (a join) or none: take it out of the owner's list."""
+        owner_list = job.owner.held_back if job.owner is not None else None
+        if owner_list is not None:
+            owner_list.pop(job, None)
+        self.put_back(job)
 
     # -- results -------------------------------------------------------------
 
@@ -829,10 +883,10 @@ class Broker:
         if owner is not None:
             self.answered(owner, job.owner_id)
             owner.send(b"".join((job.owner_reply, field, value_json, b"}\r\n")))
-        if job.joined:
+        if job.joined:      # one value for every joined submitter, not a copy each
             for peer, sub_id, prefix in job.joined:
                 self.answered(peer, sub_id)
-                peer.send(b"".join((prefix, field, value_json, b"}\r\n")))
+                peer.send_many((prefix + field, value_json, b"}\r\n"))
 
     def answered(self, peer, sub_id):
         del peer.jobs[sub_id]
@@ -842,6 +896,8 @@ class Broker:
     def progress(self, peer, wid, data_json):
         job = self.held_job(peer, wid)
         for sub_peer, sub_id, _ in job.submitters():
+            if sub_peer.paused:         # advisory: dropped rather than piled up
+                continue
             sub_peer.send(b"".join((b'{"cmd":"progress","id":', dumps(sub_id), b',"data":',
                                     data_json, b"}\r\n")))
 
@@ -850,6 +906,10 @@ class Broker:
         job = self.held_job(peer, wid)
         self.take_back(job)
         self.counters.jobs_released += 1
+        if not job.wanted():            # its submitters left: drop, don't redo
+            job.state = FINISHED
+            self.forget(job)
+            return self.worker_ready(peer)
         self.requeue_front(job)
         for kind in peer.kinds:     # others first: it just said it has no room
             if peer in kind.idle:
@@ -882,11 +942,11 @@ class Broker:
         if job.attempts >= self.max_attempts:
             self.fail(job, "job failed: its worker was lost %d times" % job.attempts)
             return False
-        self.counters.jobs_reassigned += 1
         if not job.wanted():        # nobody waits for it: no point redoing it
             job.state = FINISHED
             self.forget(job)
             return False
+        self.counters.jobs_reassigned += 1
         self.requeue_front(job)
         return True
 
@@ -1043,6 +1103,11 @@ class Connection:
         if self.out_bytes > self.high_water and not self.peer.paused:
             self.pause()
 
+    def send_many(self, pieces):
+        """Queue a message given in pieces (shared bytes are not copied)."""
+        for piece in pieces:
+            self.send(piece)
+
     def close(self):
         self.closing = True
         self.may_read.set()
@@ -1122,10 +1187,11 @@ class Connection:
             if len(lines) >= YIELD_AFTER_LINES and self.raw_send is None:
                 self.yield_to_others()
     def yield_to_others(self):
-        """recv returns at once while data keeps coming, and gevent.sleep(0)
-        does not poll for I/O: waiting for our socket through the event loop
-        lets every other ready connection have its turn first."""
-        gevent.socket.wait_read(self.sock.fileno())
+        """(TLS) recv returns at once while data keeps coming, and
+        gevent.sleep(0) does not poll for I/O; a short timer makes the loop
+        poll, so every other ready connection has its turn first. (Waiting
+        for the socket would stall on bytes TLS already decrypted.)"""
+        gevent.sleep(0.0001)
 
     def handle_lines(self, lines):
         handlers = self.handlers
@@ -1150,6 +1216,8 @@ class Connection:
                 return
             if self.peer.paused:        # replies to this very batch filled the buffer
                 self.may_read.wait()
+                if self.closing:
+                    return
             handlers = self.handlers    # auth swaps them
 
     def explain(self, line):
@@ -1231,22 +1299,39 @@ class Connection:
             return
         if self.raw_send is None:
             return self.hand_to_writer()
+        while self.out:
+            data = self.next_chunk()
+            try:
+                sent = self.raw_send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                return self.broken()
+            self.out_bytes -= sent
+            if sent < len(data):
+                self.out.insert(0, data[sent:])
+                return self.hand_to_writer()
+        if self.peer.paused and self.out_bytes <= self.high_water // 2:
+            self.resume()
+
+    def next_chunk(self):
+        """Up to WRITE_CHUNK bytes from the front of the output, joined: a
+        big backlog is never copied whole."""
         out = self.out
-        data = out[0] if len(out) == 1 else b"".join(out)
-        try:
-            sent = self.raw_send(data)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
-            return self.broken()
-        self.out_bytes -= sent
-        if sent == len(data):
+        if len(out) == 1:
             self.out = []
-            if self.peer.paused and self.out_bytes <= self.high_water // 2:
-                self.resume()
-        else:
-            self.out = [data[sent:]]
-            self.hand_to_writer()
+            return out[0]
+        if self.out_bytes <= WRITE_CHUNK:
+            self.out = []
+            return b"".join(out)
+        size = count = 0
+        for piece in out:
+            count += 1
+            size += len(piece)
+            if size >= WRITE_CHUNK:
+                break
+        self.out = out[count:]
+        return b"".join(out[:count])
 
     def hand_to_writer(self):
         self.writer_owns_socket = True
@@ -1263,9 +1348,7 @@ class Connection:
                 wait()
                 clear()
                 while self.out:
-                    out = self.out
-                    self.out = []
-                    data = out[0] if len(out) == 1 else b"".join(out)
+                    data = self.next_chunk()
                     sendall(data)
                     self.out_bytes -= len(data)
                     if self.peer.paused and self.out_bytes <= self.high_water // 2:
@@ -1572,9 +1655,12 @@ class Server:
 
     def drain(self):
         """Close the listeners, refuse new jobs, let running ones finish."""
-        log.info("draining: %d jobs running", self.broker.counters.jobs_running)
+        running = self.broker.counters.jobs_running
+        log.info("draining: %d jobs running", running)
         self.close_listeners()
         self.broker.start_draining()
+        if not running:
+            return self.stop()          # nothing in flight: at once
         if not self.broker.drained.wait(self.drain_timeout):
             log.warning("drain timeout: %d jobs still running",
                         self.broker.counters.jobs_running)

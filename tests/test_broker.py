@@ -11,11 +11,16 @@ class FakeLink:
 
     def __init__(self):
         self.sent = []
+        self.pieces = []
         self.closed = False
 
     def send(self, data):
         assert data.endswith(b"\r\n")
         self.sent.append(orjson.loads(data))
+
+    def send_many(self, pieces):
+        self.pieces.append(pieces)
+        self.send(b"".join(pieces))
 
     def close(self):
         self.closed = True
@@ -329,3 +334,107 @@ def test_metrics_count_types_seen(broker):
     assert m["types"]["thumb"] == {"queued": 0, "running": 0, "workers": 1, "idle": 1,
                                    "done": 0, "failed": 0}
     assert m["workers"] == 1 and m["connections_open"] == 2
+
+
+def test_a_coalesced_job_set_aside_for_its_paused_owner_survives_the_owner(broker):
+    a, _ = peer(broker)
+    b, bl = peer(broker)
+    broker.submit(a, sub("a1", unique="k"))
+    broker.pause(a)
+    w, wl = worker(broker)
+    assert wl.take() == []                  # set aside: only paused a waits for it
+    broker.submit(b, sub("b1", unique="k"))         # b joins: it goes ahead for b
+    handed = wl.take()
+    assert len(handed) == 1
+    broker.disconnect(a)                    # the owner leaves; b still waits
+    broker.did(w, handed[0]["id"], b"8", None)
+    assert bl.take() == [{"cmd": "did", "id": "b1", "res": 8}]
+    assert broker.counters.jobs_queued == 0 and broker.counters.jobs_running == 0
+
+
+def test_a_set_aside_unique_job_whose_owner_leaves_leaves_no_zombie(broker):
+    a, _ = peer(broker)
+    d, dl = peer(broker)
+    broker.submit(a, sub("a1", unique="k"))
+    broker.pause(a)
+    w, wl = worker(broker)
+    assert wl.take() == []
+    broker.disconnect(a)
+    assert broker.counters.jobs_queued == 0
+    broker.submit(d, sub("d1", unique="k"))         # a new job, not a dead one
+    handed = wl.take()
+    assert len(handed) == 1
+    broker.did(w, handed[0]["id"], b"1", None)
+    assert dl.take() == [{"cmd": "did", "id": "d1", "res": 1}]
+
+
+def test_a_set_aside_job_whose_owner_leaves_is_dropped_not_stuck(broker):
+    a, _ = peer(broker)
+    broker.submit(a, sub(1))
+    broker.submit(a, sub(2, bg=True))
+    broker.pause(a)
+    w, wl = worker(broker, capacity=2)
+    assert len(wl.take()) == 1              # the bg job goes; job 1 is set aside
+    broker.cancel(a, 1)
+    assert broker.counters.jobs_queued == 0
+    broker.disconnect(a)
+    assert broker.metrics()["types"]["echo"]["queued"] == 0
+
+
+def test_progress_for_a_paused_submitter_is_dropped(broker):
+    client, cl = peer(broker)
+    w, wl = worker(broker)
+    broker.submit(client, sub(1))
+    wid = wl.take()[0]["id"]
+    broker.progress(w, wid, b"1")
+    broker.pause(client)
+    broker.progress(w, wid, b"2")
+    assert cl.take() == [{"cmd": "progress", "id": 1, "data": 1}]
+
+
+def test_a_result_fanned_out_to_joined_submitters_is_shared_not_copied(broker):
+    client, cl = peer(broker)
+    for i in range(50):
+        broker.submit(client, sub(i, unique="same"))
+    w, wl = worker(broker)
+    wid = wl.take()[0]["id"]
+    value = b'"' + b"v" * 10000 + b'"'
+    broker.did(w, wid, value, None)
+    assert len(cl.take()) == 50
+    assert all(pieces[1] is value for pieces in cl.pieces) and len(cl.pieces) == 49
+
+
+def test_a_lost_submitter_job_it_held_itself_is_not_handed_out_again(broker):
+    both, _ = worker(broker)
+    other, ol = worker(broker)
+    broker.submit(both, sub("own"))
+    assert len(both.held) == 1 and ol.take() == []
+    broker.disconnect(both)
+    assert ol.take() == []
+    assert broker.counters.jobs_reassigned == 0 and broker.counters.jobs_queued == 0
+
+
+def test_a_released_job_of_a_lost_submitter_is_dropped(broker):
+    client, _ = peer(broker)
+    w1, wl1 = worker(broker)
+    broker.submit(client, sub(1))
+    wid = wl1.take()[0]["id"]
+    broker.disconnect(client)
+    w2, wl2 = worker(broker)
+    broker.release(w1, wid)
+    assert wl1.take() == [] and wl2.take() == []
+    assert broker.counters.jobs_queued == 0
+
+
+def test_many_distinct_priorities_keep_their_order(broker):
+    client, _ = peer(broker)
+    order = [5, -3, 9, 0, 9, 2, -3, 7] * 50
+    for i, priority in enumerate(order):
+        broker.submit(client, sub(i, priority=priority))
+    for i in range(0, len(order), 3):
+        broker.cancel(client, i)            # dead entries, some levels emptied
+    w, wl = worker(broker, capacity=len(order))
+    got = [w.held[m["id"]].owner_id for m in wl.take()]
+    expected = sorted((i for i in range(len(order)) if i % 3),
+                      key=lambda i: (-order[i], i))
+    assert got == expected

@@ -803,3 +803,39 @@ def test_server_alive_after_protocol_abuse(shared):
     m = wait_metrics(shared.connect(), lambda m: True)
     assert "jobs_added" in m
     assert "Traceback" not in shared.stderr()
+
+
+# -- ids the server cannot echo, numbers too small for a double -----------------
+
+@pytest.mark.parametrize("raw_id", [b'"\\ud800"', b"[" * 300 + b"]" * 300],
+                         ids=["lone-surrogate", "nested-300"])
+def test_an_id_that_cannot_be_echoed_still_gets_an_error_and_the_connection_lives(
+        conn, shared, raw_id):
+    c = conn()
+    for cmd in (b"do", b"did", b"nope"):
+        c.send_raw(b'{"cmd":"' + cmd + b'","id":' + raw_id + b',"type":"t"}\r\n')
+        msg = expect_error(c)
+        assert "id" not in msg or msg["id"] is not None
+    still_usable(c, shared)
+
+
+@pytest.mark.parametrize("raw", [b"1.5e-400", b"-2e-999", b"[0, 1e-500]"])
+def test_a_number_too_small_for_a_double_is_refused_not_zeroed(conn, shared, raw):
+    c = conn()
+    c.send_raw(b'{"cmd":"do","id":"tiny","type":"' + fresh_type().encode() + b'","arg":' + raw
+               + b"}\r\n")
+    expect_error(c, id="tiny")
+    still_usable(c, shared)
+
+
+@pytest.mark.parametrize("raw", [b"0.0", b"-0.0", b"0e10", b"[0.000, 5e-324]"])
+def test_zero_and_the_smallest_double_still_pass(conn, shared, raw):
+    worker, client = conn(), conn()
+    t = fresh_type()
+    worker.send({"cmd": "can_do", "types": [t]})
+    sync_quiet(worker)
+    client.send_raw(b'{"cmd":"do","id":"z","type":"' + t.encode() + b'","arg":' + raw + b"}\r\n")
+    job = worker.expect("do")
+    assert job["arg"] == orjson.loads(raw)
+    worker.send({"cmd": "did", "id": job["id"], "res": None})
+    client.expect("did", id="z")
