@@ -938,13 +938,13 @@ class Broker:
 
     def lost_attempt(self, job):
         """Count a lost hand-out; requeue the job (True) or fail it."""
-        job.attempts += 1
-        if job.attempts >= self.max_attempts:
-            self.fail(job, "job failed: its worker was lost %d times" % job.attempts)
-            return False
         if not job.wanted():        # nobody waits for it: no point redoing it
             job.state = FINISHED
             self.forget(job)
+            return False
+        job.attempts += 1
+        if job.attempts >= self.max_attempts:
+            self.fail(job, "job failed: its worker was lost %d times" % job.attempts)
             return False
         self.counters.jobs_reassigned += 1
         self.requeue_front(job)
