@@ -348,8 +348,9 @@ def parse_did(msg, line):
 
 ###############################################################################
 # Jobs and the broker: per-type queues, worker slots, dispatch, requeue,
-# metrics. The broker talks to connections only through Peer.send and
-# Peer.close, so tests can drive it with fakes.
+# metrics. The broker talks to connections only through Peer.send,
+# Peer.send_many and Peer.close, and is told of backpressure through
+# Broker.pause and Broker.resume, so tests can drive it with fakes.
 ###############################################################################
 
 QUEUED, RUNNING, FINISHED = 0, 1, 2
@@ -1037,9 +1038,10 @@ class Broker:
 
 
 ###############################################################################
-# Connections: one greenlet reads and handles lines, one writer greenlet
-# sends everything queued since it last ran in one write. Past the
-# high-water mark of unsent output the connection is paused (SPEC 5).
+# Connections: one greenlet per socket reads and handles lines; what the
+# broker sends is written once per turn of the event loop, in one send.
+# Past the high-water mark of unsent output the connection is paused
+# (SPEC 5).
 ###############################################################################
 
 def format_address(address):
