@@ -34,9 +34,12 @@ import bisect
 import collections
 import hashlib
 import itertools
+import json
 import logging
+import math
 import os
 import random
+import re
 import signal
 import socket as _stdlib_socket
 import ssl
@@ -63,6 +66,7 @@ CLOSE_FLUSH_TIMEOUT = 2.0    # seconds close() waits for unsent output
 METRICS_TIMEOUT = 5.0
 TIMEOUT_GRACE = 1.0          # seconds past a job's timeout before the client fails it itself
 RECV_SIZE = 262144
+MAX_LINE = 1048576           # bytes: the server's default --max-line
 HASH_POINTS = 64             # points per server on the consistent-hash ring
 CRLF = b"\r\n"
 METRICS_LINE = b'{"cmd":"metrics"}\r\n'
@@ -108,11 +112,13 @@ class Timeout(gevent.Timeout, DeputyError):
         return self.message
 
 
-class JobCancelled(DeputyError, gevent.GreenletExit):
+class JobCancelled(gevent.GreenletExit):
     """Raised inside a handler whose job the server took back: cancelled
     by its submitter, timed out, past its ttr, or its connection was lost.
     The job's result would be discarded, so the handler's greenlet is
-    killed with this. (A GreenletExit, so gevent does not report it.)"""
+    killed with this. A GreenletExit, so gevent does not report it, and
+    so a BaseException but not an Exception (nor a DeputyError): an
+    `except Exception:` in a handler does not swallow it."""
 
 
 class ClientClosed(DeputyError):
@@ -177,8 +183,7 @@ def parse_port(port, address):
 
 def parse_addresses(address):
     """One address or a list of them -> list of Address, duplicates dropped."""
-    if not isinstance(address, (list, tuple)) or (
-            isinstance(address, tuple) and len(address) == 2 and isinstance(address[1], int)):
+    if not isinstance(address, (list, tuple)) or is_host_port(address):
         address = [address]
     parsed = {}
     for one in address:
@@ -187,6 +192,14 @@ def parse_addresses(address):
     if not parsed:
         raise DeputyError("no server address given")
     return list(parsed.values())
+
+
+def is_host_port(address):
+    """(host, port) rather than two addresses: a port is an int or digits."""
+    return (isinstance(address, tuple) and len(address) == 2
+            and isinstance(address[0], str) and not isinstance(address[1], bool)
+            and (isinstance(address[1], int)
+                 or (isinstance(address[1], str) and address[1].isdigit())))
 
 
 def ssl_context_for(tls):
@@ -221,6 +234,39 @@ def complete_lines(parts, chunk):
 
 def message_line(message):
     return dumps(message) + CRLF
+
+
+def exact_line(message):
+    """message_line, refusing what JSON cannot carry exactly: orjson raises
+    TypeError for an integer beyond 64 bits but writes NaN and Infinity as
+    null, so a line with a null in it is checked for those."""
+    line = dumps(message) + CRLF
+    if b"null" in line:
+        check_exact(message)
+    return line
+
+
+def check_exact(value):
+    """TypeError when `value` holds a float JSON has no number for
+    (NaN, Infinity) or an integer outside -2**63 .. 2**64-1."""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise TypeError("%r is not a JSON number (NaN, Infinity, or too big for a float)"
+                            % value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        if not -2 ** 63 <= value < 2 ** 64:
+            raise TypeError("integer %d exceeds the 64-bit range" % value)
+    elif isinstance(value, dict):
+        for item in value.values():
+            check_exact(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_exact(item)
+
+
+def line_too_long(line, max_line):
+    """The server's rule: the line without its CR LF must fit in max_line."""
+    return max_line is not None and len(line) - 2 > max_line
 
 
 # ---------------------------------------------------------------------------
@@ -375,8 +421,11 @@ class Connection:
         """Stop reconnecting: retrying cannot fix a refused secret or a
         certificate that does not verify."""
         self.fatal = self.last_error = error
-        log.error("giving up on %s: %s", self.label, describe(error))
         self.client._connection_failed(self, error)
+        # deputy_fatal: every server is given up on, so whatever waits
+        # raises this error (the CLI prints it; it need not log it too).
+        log.error("giving up on %s: %s", self.label, describe(error),
+                  extra={"deputy_fatal": self.client._fatal is not None})
         self._unreachable_for_metrics()
 
     # -- one session --------------------------------------------------------
@@ -497,12 +546,32 @@ class Connection:
             log.debug("%s: error about finished job %s: %s", self.label, job_id, text)
         elif job_id is not None:
             log.warning("%s refused a message about held job %s: %s", self.label, job_id, text)
+        elif text.startswith("line too long"):
+            self._fail_too_long(text)
         elif text.startswith("authentication"):
             self.fatal = AuthError("%s: %s (give the client its secret, or set DEPUTY_SECRET)"
                                    % (self.label, text))
             shut_down(self._sock)
         else:
             log.warning("%s: error: %s", self.label, text)
+
+    def _fail_too_long(self, text):
+        """The server hangs up on a line over its --max-line (smaller than
+        this client's max_line). Sent again, that line would cost every
+        new connection the same way: fail its job instead. The server read
+        the lines in order and stopped at the first that was too long."""
+        match = re.search(r"limit (\d+)", text)
+        jobs = list(self.pending.values())
+        if match:
+            limit = int(match.group(1))
+            culprits = [job for job in jobs if line_too_long(job._encoded(), limit)]
+        else:
+            culprits = sorted(jobs, key=lambda job: len(job._encoded()))[-1:]
+        if not culprits:
+            log.warning("%s: error: %s", self.label, text)
+        for job in culprits:
+            del self.pending[job.id]
+            job._fail(JobRefused("refused by %s: %s" % (self.label, text), job))
 
     def _now_draining(self):
         """The server is going down: send it no more jobs (until it is back)."""
@@ -611,7 +680,7 @@ class Job:
         self.progress = None
         self.on_progress = None
         self._fields = fields if deadline is not None else None
-        self._line = message_line(fields)
+        self._line = exact_line(fields)
         self._conn = None
         self._state = PENDING
         self._value = None
@@ -738,8 +807,16 @@ def progress(data):
     task = getattr(gevent.getcurrent(), "deputy_task", None)
     if task is None:
         raise DeputyError("progress() called outside a job handler's greenlet")
+    try:
+        line = exact_line({"cmd": "progress", "id": task.wid, "data": data})
+    except TypeError as error:
+        raise DeputyError("progress data is not JSON: %s" % error) from None
+    max_line = task.conn.client.max_line
+    if line_too_long(line, max_line):
+        raise DeputyError("progress data too long: %d bytes, over max_line=%d"
+                          % (len(line) - 2, max_line))
     if task.is_held():
-        task.conn.send(message_line({"cmd": "progress", "id": task.wid, "data": data}))
+        task.conn.send(line)
 
 
 class Worker:
@@ -821,15 +898,27 @@ class Worker:
             slot.deputy_task = task
             try:
                 self._run_task(task)
+            except BaseException:
+                # KeyboardInterrupt or SystemExit, re-raised for the hub to
+                # pass to the main greenlet. This slot ends: jobs waiting
+                # for one get new slots.
+                self.hub.loop.run_callback(self._start_deferred)
+                raise
             finally:
                 slot.deputy_task = None
                 self.running -= 1
             task = self._next_deferred()
             if task is None:
-                if len(self.idle_slots) >= self.capacity:
+                if self.client.closed or len(self.idle_slots) >= self.capacity:
                     return
                 self.idle_slots.append(slot)
                 task = self.hub.switch()
+
+    def _start_deferred(self):
+        while self.deferred and self.running < self.capacity:
+            task = self.deferred.popleft()
+            if task.is_held():
+                self._start(task)
 
     def _next_deferred(self):
         while self.deferred and self.running < self.capacity:
@@ -841,18 +930,23 @@ class Worker:
         return None
 
     def _run_task(self, task):
+        """Run the handler and send its result or error. Whatever escapes
+        it (a gevent.Timeout, any BaseException) fails the job, so the
+        slot is never lost; KeyboardInterrupt and SystemExit go on up."""
         if not task.is_held():
             return          # taken back before it started
         try:
             result = task.handler(task.arg)
-        except JobCancelled:
-            return
         except JobFailed as error:
             self._finish(task, {"cmd": "did", "id": task.wid, "err": str(error.error)})
-        except Exception as error:
+        except BaseException as error:
+            if isinstance(error, JobCancelled) and not task.is_held():
+                return      # the usual way a job taken back ends
             text = "%s: %s" % (type(error).__name__, error) if str(error) else type(error).__name__
             log.info("job %s failed: %s", task.wid, text, exc_info=log.isEnabledFor(logging.DEBUG))
             self._finish(task, {"cmd": "did", "id": task.wid, "err": text})
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
         else:
             self._finish(task, {"cmd": "did", "id": task.wid, "res": result})
 
@@ -860,10 +954,14 @@ class Worker:
         if not task.is_held():
             return          # cancelled or taken back: the result goes nowhere
         try:
-            line = message_line(message)
+            line = exact_line(message)
         except TypeError as error:
             line = message_line({"cmd": "did", "id": task.wid,
                                  "err": "TypeError: result is not JSON: %s" % error})
+        max_line = self.client.max_line
+        if line_too_long(line, max_line):
+            line = message_line({"cmd": "did", "id": task.wid, "err": (
+                "result too long: %d bytes, over max_line=%d" % (len(line) - 2, max_line))})
         del task.conn.held[task.wid]
         self.held -= 1
         task.conn.send(line)
@@ -961,12 +1059,18 @@ class Client:
     `address` is "host:port", (host, port), "unix:/path", or a list of
     these for several servers. `secret` (default: $DEPUTY_SECRET) is sent
     first on every connection. `tls` is True (verify against the system's
-    CAs), a CA file name, or an ssl.SSLContext.
+    CAs), a CA file name, or an ssl.SSLContext. `max_line` (bytes, the
+    servers' --max-line) bounds each message: a longer job is refused by
+    `do` at once, rather than sent for the server to hang up on.
     """
 
     def __init__(self, address=DEFAULT_ADDRESS, secret=None, tls=None,
-                 connect_timeout=CONNECT_TIMEOUT, backoff_max=BACKOFF_MAX):
+                 connect_timeout=CONNECT_TIMEOUT, backoff_max=BACKOFF_MAX, max_line=MAX_LINE):
         addresses = parse_addresses(address)
+        if max_line is not None and (isinstance(max_line, bool) or not isinstance(max_line, int)
+                                     or max_line < 1):
+            raise DeputyError("max_line must be an integer >= 1 or None, got %r" % (max_line,))
+        self.max_line = max_line
         self.secret = secret if secret is not None else os.environ.get("DEPUTY_SECRET") or None
         self.ssl_context = ssl_context_for(tls)
         self.connect_timeout = connect_timeout
@@ -974,7 +1078,7 @@ class Client:
         self.backoff_max = backoff_max
         self.closed = False
         self.worker = Worker(self)
-        self._closed_event = gevent.event.Event()
+        self._unusable = gevent.event.Event()    # closed, or every server gave up
         self._ids = itertools.count(1)
         self._backlog = {}           # jobs waiting for a live server, in order
         self._live = []              # connections taking jobs, in address order
@@ -1020,6 +1124,9 @@ class Client:
             job = Job(fields["id"], type, fields, unique, bg, deadline)
         except TypeError as error:
             raise DeputyError("cannot send a %r job: %s" % (type, error)) from None
+        if line_too_long(job._line, self.max_line):
+            raise DeputyError("cannot send a %r job: its line is %d bytes, over max_line=%d"
+                              % (type, len(job._line) - 2, self.max_line))
         job.on_progress = on_progress
         if deadline is not None:
             job._start_deadline_timer(timeout)
@@ -1108,6 +1215,7 @@ class Client:
             for c in self.connections:
                 for waiter in c.metrics_waiters:
                     waiter.set_exception(self._fatal)
+            self._unusable.set()        # work() raises the error
 
     # -- working --------------------------------------------------------------
 
@@ -1136,10 +1244,14 @@ class Client:
 
     def work(self):
         """Do jobs until close() is called (from a handler, another greenlet
-        or a signal handler)."""
+        or a signal handler). Raises the error (AuthError, DeputyError)
+        when every server has been given up on (a refused secret, a
+        certificate that does not verify)."""
         if not self.worker.handlers:
             raise DeputyError("work() needs handlers: call can_do() first")
-        self._closed_event.wait()
+        self._unusable.wait()
+        if self._fatal is not None and not self.closed:
+            raise self._fatal
 
     # -- metrics, closing -----------------------------------------------------
 
@@ -1194,7 +1306,7 @@ class Client:
         for job in list(self._backlog.values()):
             job._fail(error)
         self._backlog.clear()
-        self._closed_event.set()
+        self._unusable.set()
 
 
 def sum_metrics(answers):
@@ -1281,8 +1393,16 @@ class UsageError(DeputyError):
 
 def main(argv=None):
     """`deputy-client`: parse the command line, run one command, exit."""
-    args = docopt.docopt(USAGE, argv=argv, version=__version__)
-    logging.basicConfig(level=logging.WARNING, format="deputy-client: %(message)s")
+    try:
+        args = docopt.docopt(USAGE, argv=argv, version=__version__)
+    except docopt.DocoptExit as usage:      # not --help or --version: those exit 0
+        sys.stderr.write("%s\n" % usage)
+        return 2
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("deputy-client: %(message)s"))
+    # An error that ends the command is printed once, when it does.
+    handler.addFilter(lambda record: not getattr(record, "deputy_fatal", False))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     try:
         client = Client(args["--address"], secret=cli_secret(args), tls=cli_tls(args))
     except (DeputyError, OSError) as error:
@@ -1295,6 +1415,13 @@ def main(argv=None):
         return fail(describe(error), 1)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Whoever read the output stopped (`| head`): no traceback, and
+        # nothing more written to the closed pipe when Python exits.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     finally:
         client.close()
 
@@ -1340,14 +1467,25 @@ def cli_number(args, option, kind=float, minimum=None, positive=False):
     return value
 
 
-def parse_cli_arg(text):
-    """JSON, or when it is not JSON, the text as a string."""
+def parse_cli_arg(text, where="ARG"):
+    """JSON, or when it is not JSON, the text as a string. JSON that cannot
+    be sent exactly (an integer beyond 64 bits, a number too big for a
+    float, NaN, Infinity) is a usage error, not a different value."""
     if text is None:
         return None
     try:
-        return loads(text)
-    except orjson.JSONDecodeError:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("%s is not valid UTF-8" % where) from None
+    try:
+        value = json.loads(text)
+    except ValueError:
         return text
+    try:
+        check_exact(value)
+    except TypeError as error:
+        raise UsageError("%s cannot be sent exactly as JSON: %s" % (where, error)) from None
+    return value
 
 
 def print_json(value, pretty=False):
@@ -1375,7 +1513,8 @@ def command_do(client, args):
 
 
 def command_map(client, args):
-    jobs = [client.do(args["TYPE"], parse_cli_arg(line)) for line in read_arg_lines(args["FILE"])]
+    jobs = [client.do(args["TYPE"], parse_cli_arg(line, "line %d" % number))
+            for number, line in read_arg_lines(args["FILE"])]
     show_progress = sys.stderr.isatty()
     failed, shown = 0, 0.0
     for number, job in enumerate(jobs, 1):
@@ -1393,15 +1532,21 @@ def command_map(client, args):
 
 
 def read_arg_lines(name):
+    """-> [(line number, line)] of the non-blank lines, strictly UTF-8."""
     try:
         if name == "-":
-            lines = sys.stdin.read().splitlines()
+            data = sys.stdin.buffer.read()
         else:
-            with open(name, encoding="utf-8") as arg_file:
-                lines = arg_file.read().splitlines()
+            with open(name, "rb") as arg_file:
+                data = arg_file.read()
+        lines = data.decode("utf-8").splitlines()
     except OSError as error:
         raise UsageError("cannot read %s: %s" % (name, error)) from None
-    return [line for line in lines if line.strip()]
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise UsageError("%s is not UTF-8 (line %d: %s)" % (
+            "stdin" if name == "-" else name, line, error.reason)) from None
+    return [(number, line) for number, line in enumerate(lines, 1) if line.strip()]
 
 
 def command_metrics(client, args):
@@ -1514,10 +1659,17 @@ def command_handler(argv):
 
 
 def command_result(out):
+    """The command's stdout: strict JSON, parsed exactly (an integer beyond
+    64 bits stays one, and then fails the job rather than becoming a
+    float), or else the text as a string."""
     try:
-        return loads(out)
-    except orjson.JSONDecodeError:
+        return json.loads(out, parse_constant=refuse_constant)
+    except ValueError:
         return out.decode("utf-8", "replace").rstrip("\r\n")
+
+
+def refuse_constant(name):
+    raise ValueError("%s is not JSON" % name)
 
 
 def last_line(data):

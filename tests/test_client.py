@@ -14,6 +14,7 @@ import gevent
 import gevent.event
 import gevent.server
 import gevent.subprocess
+import greenlet
 import pytest
 
 from test_client_helpers import ROOT, WAIT, free_port, job_type, wait_until
@@ -31,6 +32,9 @@ def test_address_as_string_and_as_tuple(shared_server, clients):
     worker.can_do({t: lambda arg: arg + 1})
     submitter = clients(("127.0.0.1", shared_server.port))
     assert submitter.call(t, 41, timeout=WAIT) == 42
+    port_as_text = clients(("127.0.0.1", str(shared_server.port)))
+    assert [c.label for c in port_as_text.connections] == [shared_server.address]
+    assert port_as_text.call(t, 1, timeout=WAIT) == 2
 
 
 def test_unix_socket_address(start_server, clients, tmp_path):
@@ -122,6 +126,81 @@ def test_an_arg_that_is_not_json_raises_at_once(shared_server, clients):
         submitter.do(job_type(), 2 ** 70)
 
 
+@pytest.mark.parametrize("arg", [
+    float("nan"), float("inf"), [1, -float("inf")], {"n": {"deep": float("nan")}}, 2 ** 64,
+    -2 ** 63 - 1])
+def test_an_arg_json_cannot_carry_exactly_is_refused_not_altered(arg, clients):
+    # orjson would write NaN and Infinity as null: SPEC 1 says refuse instead.
+    submitter = clients(("127.0.0.1", free_port()))
+    with pytest.raises(DeputyError, match="cannot send"):
+        submitter.do(job_type(), arg)
+    with pytest.raises(DeputyError, match="cannot send"):
+        submitter.do(job_type(), 1, timeout=float("inf"))
+
+
+def test_results_json_cannot_carry_exactly_fail_the_job(shared_server, clients):
+    t = job_type()
+    worker = clients(shared_server.address)
+    worker.can_do({t: lambda arg: {"nan": float("nan"), "big": 2 ** 70, "edge": 2 ** 64 - 1}[arg]})
+    submitter = clients(shared_server.address)
+    for key in ("nan", "big"):
+        with pytest.raises(JobFailed, match="^TypeError: result is not JSON: "):
+            submitter.call(t, key, timeout=WAIT)
+    assert submitter.call(t, "edge", timeout=WAIT) == 2 ** 64 - 1
+
+
+def test_a_job_longer_than_max_line_is_refused_at_once(clients):
+    submitter = clients(("127.0.0.1", free_port()))
+    assert submitter.max_line == 1048576          # the server's default --max-line
+    with pytest.raises(DeputyError, match="max_line"):
+        submitter.do(job_type(), "x" * 1048576)
+    small = clients(("127.0.0.1", free_port()), max_line=100)
+    with pytest.raises(DeputyError, match="over max_line=100"):
+        small.do("t", "x" * 100)
+    small.do("t", "x" * 50)
+    with pytest.raises(DeputyError, match="max_line"):
+        Client(("127.0.0.1", free_port()), max_line=0)
+
+
+def test_a_job_over_the_servers_max_line_fails_instead_of_poisoning_the_connection(
+        start_server, clients):
+    # The client's max_line is larger than this server's: the server hangs
+    # up on the line, and the client must not send it again on every
+    # reconnection (re-running the other jobs each time).
+    server = start_server("--max-line", "1000")
+    t = job_type()
+    runs = []
+
+    def count(arg):
+        runs.append(arg)
+        gevent.sleep(0.05)
+        return arg if isinstance(arg, int) else len(arg)
+
+    worker = clients(server.address)
+    worker.can_do({t: count}, capacity=4)
+    submitter = clients(server.address)
+    before = submitter.do(t, 1)
+    gevent.sleep(0.02)
+    big = submitter.do(t, "x" * 5000)
+    after = submitter.do(t, 2)
+    with pytest.raises(JobRefused, match="line too long"):
+        big.get(WAIT)
+    assert before.get(WAIT) == 1 and after.get(WAIT) == 2
+    gevent.sleep(0.3)
+    assert sorted(set(runs)) == [1, 2] and len(runs) <= 4     # no resubmission loop
+    assert submitter.call(t, 3, timeout=WAIT) == 3
+
+
+def test_a_result_longer_than_max_line_fails_the_job(shared_server, clients):
+    t = job_type()
+    worker = clients(shared_server.address, max_line=1000)
+    worker.can_do({t: lambda arg: "y" * arg})
+    submitter = clients(shared_server.address)
+    with pytest.raises(JobFailed, match="^result too long: .* over max_line=1000"):
+        submitter.call(t, 5000, timeout=WAIT)
+    assert submitter.call(t, 10, timeout=WAIT) == "y" * 10
+
+
 def test_a_job_the_server_refuses_fails_with_the_servers_error(shared_server, clients):
     submitter = clients(shared_server.address)
     job = submitter.do(12345, "a type must be a string")
@@ -195,6 +274,123 @@ def outcome(job):
         return job.get(WAIT)
     except JobFailed as error:
         return ("failed", error.error)
+
+
+class NotAnException(BaseException):
+    pass
+
+
+def test_a_gevent_timeout_or_other_base_exception_fails_its_job_and_frees_the_slot(
+        shared_server, clients):
+    t = job_type()
+
+    def escaping(arg):
+        if arg == "timeout":
+            with gevent.Timeout(0.05):          # the handler's own timeout, escaping it
+                gevent.sleep(WAIT)
+        if arg == "base":
+            raise NotAnException("not an Exception")
+        if arg == "exit":
+            raise gevent.GreenletExit()
+        return arg
+
+    worker = clients(shared_server.address)
+    worker.can_do({t: escaping}, capacity=1)
+    submitter = clients(shared_server.address)
+    jobs = [submitter.do(t, arg) for arg in ("timeout", "base", "exit", "ok")]
+    assert [outcome(job) for job in jobs] == [
+        ("failed", "Timeout: 0.05 seconds"), ("failed", "NotAnException: not an Exception"),
+        ("failed", "GreenletExit"), "ok"]
+    assert (worker.worker.held, worker.worker.running) == (0, 0)
+
+
+def test_system_exit_in_a_handler_fails_its_job_then_reaches_the_main_greenlet(
+        shared_server, clients):
+    t = job_type()
+    worker = clients(shared_server.address)
+
+    def leave(arg):
+        if arg == "exit":
+            sys.exit("bye")
+        return arg
+
+    worker.can_do({t: leave})
+    submitter = clients(shared_server.address)
+    job = submitter.do(t, "exit")
+    with pytest.raises(SystemExit, match="bye"):
+        gevent.sleep(WAIT)                   # the hub passes it to this greenlet
+    with pytest.raises(JobFailed, match="^SystemExit: bye$"):
+        job.get(WAIT)
+    assert submitter.call(t, "next", timeout=WAIT) == "next"
+
+
+def test_job_cancelled_gets_past_except_exception_in_a_handler(shared_server, clients):
+    assert issubclass(JobCancelled, gevent.GreenletExit)
+    assert not issubclass(JobCancelled, Exception)
+    t = job_type()
+    started, swallowed, escaped = gevent.event.Event(), [], []
+
+    def careless(arg):
+        try:
+            try:
+                started.set()
+                gevent.sleep(WAIT)
+            except Exception as error:       # a common catch-all: not for cancellation
+                swallowed.append(error)
+                return "swallowed"
+        except BaseException as error:
+            escaped.append(error)
+            raise
+
+    worker = clients(shared_server.address)
+    worker.can_do({t: careless})
+    submitter = clients(shared_server.address)
+    job = submitter.do(t, 1)
+    assert started.wait(WAIT)
+    job.cancel()
+    with pytest.raises(JobFailed, match="^cancelled$"):
+        job.get(WAIT)
+    wait_until(lambda: escaped, what="the handler killed")
+    assert isinstance(escaped[0], JobCancelled) and swallowed == []
+
+
+def test_close_kills_handlers_and_leaves_no_greenlet_parked(shared_server, clients):
+    t = job_type()
+    slots = []
+
+    def stuck(arg):
+        slots.append(greenlet.getcurrent())
+        gevent.sleep(WAIT)
+
+    worker = clients(shared_server.address)
+    worker.can_do({t: stuck}, capacity=3)
+    submitter = clients(shared_server.address)
+    for n in range(3):
+        submitter.do(t, n)
+    wait_until(lambda: len(slots) == 3, what="three handlers running")
+    worker.close()
+    wait_until(lambda: all(slot.dead for slot in slots), what="the handlers' greenlets ended")
+    assert worker.worker.idle_slots == []
+
+
+def test_progress_with_data_that_is_not_json_raises_deputy_error(shared_server, clients):
+    t = job_type()
+    raised = []
+
+    def reporting(arg):
+        for data in ({1, 2}, float("nan"), 2 ** 70):
+            try:
+                progress(data)
+            except DeputyError as error:
+                raised.append(str(error))
+        return "done"
+
+    worker = clients(shared_server.address)
+    worker.can_do({t: reporting})
+    submitter = clients(shared_server.address)
+    assert submitter.call(t, 1, timeout=WAIT) == "done"
+    assert len(raised) == 3 and all(text.startswith("progress data is not JSON")
+                                    for text in raised)
 
 
 @pytest.mark.parametrize("capacity", [1, 4])

@@ -5,6 +5,7 @@ import sys
 import textwrap
 
 import gevent
+import gevent.subprocess as subprocess
 import orjson
 import pytest
 
@@ -39,7 +40,7 @@ def test_help_and_version():
 
 def test_a_bad_command_line_is_a_usage_error_without_traceback():
     done = run_cli("frobnicate")
-    assert done.returncode != 0
+    assert done.returncode == 2                # as README says for a usage error
     assert "Usage:" in done.stderr + done.stdout
     assert "Traceback" not in done.stderr
 
@@ -122,6 +123,58 @@ def test_map_of_a_missing_file_is_a_usage_error(shared_server):
     done = run_cli("-a", shared_server.address, "map", "t", "/nonexistent/args")
     assert done.returncode == 2
     assert "cannot read /nonexistent/args" in done.stderr
+
+
+def test_map_of_a_file_that_is_not_utf8_is_a_usage_error(shared_server, tmp_path):
+    args_file = tmp_path / "args.jsonl"
+    args_file.write_bytes(b'1\n"caf\xe9"\n')
+    done = run_cli("-a", shared_server.address, "map", "t", str(args_file))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "is not UTF-8 (line 2" in done.stderr
+    with open(args_file, "rb") as stdin:
+        process = start_cli("-a", shared_server.address, "map", "t", "-", stdin=stdin,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            out, err = process.communicate(timeout=WAIT)
+        finally:
+            stop_process(process)
+    assert process.returncode == 2 and b"stdin is not UTF-8" in err and out == b""
+
+
+@pytest.mark.parametrize("arg", ["123456789012345678901234567890", "[NaN]", "Infinity", "1e400"])
+def test_an_arg_json_cannot_carry_exactly_is_a_usage_error(shared_server, arg):
+    done = run_cli("-a", shared_server.address, "do", "t", arg, "--bg")
+    assert done.returncode == 2
+    assert "cannot be sent exactly as JSON" in done.stderr and "Traceback" not in done.stderr
+    done = run_cli("-a", shared_server.address, "map", "t", "-", input="1\n%s\n" % arg)
+    assert done.returncode == 2 and "line 2 cannot be sent exactly" in done.stderr
+
+
+def test_do_sends_64_bit_integers_exactly(shared_server, clients):
+    t = job_type()
+    echo_worker(clients, shared_server, t)
+    for number in (2 ** 64 - 1, -2 ** 63):
+        done = run_cli("-a", shared_server.address, "do", t, str(number))
+        assert done.returncode == 0, done.stderr
+        assert orjson.loads(done.stdout) == {"got": number}
+
+
+def test_map_into_a_pipe_closed_early_exits_without_a_traceback(shared_server, clients):
+    t = job_type()
+    echo_worker(clients, shared_server, t, capacity=8)
+    process = start_cli("-a", shared_server.address, "map", t, "-", stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # More output than a pipe holds, so the writer is still writing.
+        process.stdin.write(b"".join(b"%d\n" % n for n in range(20000)))
+        process.stdin.close()
+        assert process.stdout.readline() == b'{"got":0}\n'
+        process.stdout.close()                  # like `| head -1`
+        err = process.stderr.read()
+        assert process.wait(WAIT) == 141
+    finally:
+        stop_process(process)
+    assert b"Traceback" not in err and b"BrokenPipe" not in err
 
 
 def test_metrics_pretty_prints(shared_server):
@@ -226,6 +279,10 @@ def test_work_runs_the_command_for_each_job(shared_server, clients):
             jobs[3].get(WAIT)
         assert silent.value.error == "command exited with status 4"
         assert jobs[4].get(WAIT) == {"double": [1, 1]}
+        assert submitter.call(t, 2 ** 63 - 1, timeout=WAIT) == {"double": 2 ** 64 - 2}
+        with pytest.raises(deputy_client.JobFailed,
+                           match="^TypeError: result is not JSON: Integer exceeds 64-bit"):
+            submitter.call(t, 2 ** 63 + 1, timeout=WAIT)      # doubled: beyond 64 bits
         assert submitter.metrics()["types"][t]["workers"] == 1
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(WAIT) == 0

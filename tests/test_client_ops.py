@@ -4,6 +4,7 @@ fix surfacing instead of hanging."""
 import logging
 import ssl
 
+import gevent
 import pytest
 import trustme
 
@@ -54,6 +55,26 @@ def test_no_secret_for_a_server_that_wants_one_fails_clearly(secret_server, clie
     job = client.do(job_type(), 1)
     with pytest.raises(AuthError, match="authentication required.*DEPUTY_SECRET"):
         job.get(WAIT)
+
+
+def test_work_raises_the_error_once_every_server_gave_up(secret_server, clients):
+    worker = clients(secret_server.address, secret="wrong")
+    worker.can_do({job_type(): len})
+    working = gevent.spawn(worker.work)
+    working.join(WAIT)
+    assert working.dead, "work() still waiting on a client no server will take"
+    with pytest.raises(AuthError, match="refused the secret"):
+        working.get()
+    with pytest.raises(AuthError):
+        worker.work()                        # at once, when called afterwards
+
+
+def test_cli_work_with_a_refused_secret_exits_with_one_line(secret_server):
+    for env in ({"DEPUTY_SECRET": "nope"}, {}):
+        done = run_cli("-a", secret_server.address, "work", job_type(), "--", "cat", env=env)
+        assert done.returncode == 1
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+        assert "refused the secret" in done.stderr or "authentication required" in done.stderr
 
 
 def test_cli_secret_from_a_file_and_from_the_environment(secret_server, tmp_path):
