@@ -456,9 +456,6 @@ class JobQueue:
             del self.by_priority[priority]
             heapq.heappop(self.levels)
 
-    def is_empty(self):
-        return not self.by_priority
-
     def forget_one(self, live):
         """A queued job died in place; compact when the dead outnumber the live."""
         self.dead += 1
@@ -709,7 +706,7 @@ class Broker:
             raise ProtocolError("draining", sub.id)
         if sub.id in peer.jobs:
             raise ProtocolError("duplicate id: a job with this id is unfinished", sub.id)
-        kind = self.kind(sub.type)
+        kind = self.kinds.get(sub.type) or self.kind(sub.type)
         c = self.counters
         c.jobs_added += 1
         if sub.unique is not None:
@@ -734,7 +731,7 @@ class Broker:
         kind.queued += 1
         c.jobs_queued += 1
         idle = kind.idle
-        if idle and not peer.paused and kind.queue.is_empty():
+        if idle and not peer.paused and not kind.queue.by_priority:
             self.assign(job, next(iter(idle)))      # the common case: no queue
         else:
             kind.queue.push(job)
