@@ -22,7 +22,6 @@ coalescing writer, backpressure), HTTP metrics and status page, the server
 (listeners, signals), command line.
 """
 
-import errno
 import heapq
 import hmac
 import json
@@ -38,7 +37,6 @@ from collections import OrderedDict, deque
 
 import gevent
 import gevent.event
-import gevent.pool
 import gevent.server
 import gevent.socket
 import orjson

@@ -4,7 +4,6 @@ import os
 import shutil
 import socket
 import ssl
-import threading
 import time
 import urllib.request
 
