@@ -236,3 +236,22 @@ def test_health_says_draining_while_a_sigterm_drain_waits(http_server):
     worker.send({"cmd": "did", "id": job["id"], "res": "late but delivered"})
     client.expect("did", id=1, res="late but delivered")
     assert http_server.wait(10) == 0
+
+
+def test_tls_connection_pipelining_thousands_of_jobs_gets_every_result(start_server, tls_files):
+    """TLS connections (which read through the writer greenlet and the TLS
+    path of the read loop) pipeline thousands of jobs both ways."""
+    cert, key, ca = tls_files
+    srv = start_server("--tls-cert", cert, "--tls-key", key)
+    context = ssl.create_default_context(cafile=ca)
+    worker, client = TlsConn(srv.port, context), TlsConn(srv.port, context)
+    worker.send({"cmd": "can_do", "types": ["tls"], "capacity": 5000})
+    worker.send({"cmd": "metrics"})
+    worker.expect("metrics")
+    n = 3000
+    client.send(*({"cmd": "do", "id": i, "type": "tls", "arg": i} for i in range(n)))
+    jobs = worker.recv_n(n, timeout=20)
+    worker.send(*({"cmd": "did", "id": job["id"], "res": job["arg"]} for job in jobs))
+    results = client.recv_n(n, timeout=20)
+    assert sorted(msg["id"] for msg in results) == list(range(n))
+    assert all(msg["res"] == msg["id"] for msg in results)

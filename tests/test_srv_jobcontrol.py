@@ -270,13 +270,19 @@ def test_unique_first_priority_stands(server, connect):
     assert args_of([take_job(w, "t"), take_job(w, "t")]) == ["mid", "coalesced"]
 
 
-def test_unique_joined_submitter_cancel_only_detaches(server, connect):
+def coalesced_pair(server, connect):
+    """A worker running job "one" of s1, which s2 joined as "two" (unique "k")."""
     w = worker(server, "t")
     s1, s2 = connect(), connect()
     s1.send(do("one", "t", 1, unique="k"))
     j = take_job(w, "t")
     s2.send(do("two", "t", 1, unique="k"))
     sync_quiet(s2)
+    return w, s1, s2, j
+
+
+def test_unique_joined_submitter_cancel_only_detaches(server, connect):
+    w, s1, s2, j = coalesced_pair(server, connect)
     s2.send(cancel("two"))
     s2.expect("did", id="two", err="cancelled")
     assert w.nothing_within(0.1), "the job is not cancelled while s1 waits"
@@ -286,12 +292,7 @@ def test_unique_joined_submitter_cancel_only_detaches(server, connect):
 
 
 def test_unique_cancelled_when_no_submitter_is_left(server, connect):
-    w = worker(server, "t")
-    s1, s2 = connect(), connect()
-    s1.send(do("one", "t", 1, unique="k"))
-    j = take_job(w, "t")
-    s2.send(do("two", "t", 1, unique="k"))
-    sync_quiet(s2)
+    w, s1, s2, j = coalesced_pair(server, connect)
     s1.send(cancel("one"))
     s1.expect("did", id="one", err="cancelled")
     s2.send(cancel("two"))
@@ -302,12 +303,7 @@ def test_unique_cancelled_when_no_submitter_is_left(server, connect):
 
 
 def test_unique_joined_submitter_leaving_only_detaches(server, connect):
-    w = worker(server, "t")
-    s1, s2 = connect(), connect()
-    s1.send(do("one", "t", 1, unique="k"))
-    j = take_job(w, "t")
-    s2.send(do("two", "t", 1, unique="k"))
-    sync_quiet(s2)
+    w, s1, s2, j = coalesced_pair(server, connect)
     s2.close()
     wait_metrics(s1, lambda m: m["connections_open"] == 2)
     assert w.nothing_within(0.1)
@@ -734,12 +730,7 @@ def test_progress_for_job_not_held_is_refused(server, connect):
 
 
 def test_progress_reaches_every_joined_submitter(server, connect):
-    w = worker(server, "t")
-    s1, s2 = connect(), connect()
-    s1.send(do("one", "t", 1, unique="k"))
-    j = take_job(w, "t")
-    s2.send(do("two", "t", 1, unique="k"))
-    sync_quiet(s2)
+    w, s1, s2, j = coalesced_pair(server, connect)
     w.send(progress(j["id"], 42))
     s1.expect("progress", id="one", data=42)
     s2.expect("progress", id="two", data=42)
