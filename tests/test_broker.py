@@ -450,17 +450,3 @@ def test_a_lost_job_nobody_waits_for_ends_without_failing_anyone():
     broker.disconnect(w)                    # then its worker is lost
     assert broker.counters.jobs_failed == 0 and broker.counters.jobs_reassigned == 0
     assert broker.counters.jobs_running == 0 and broker.counters.jobs_queued == 0
-
-
-def test_a_big_backlog_is_written_in_bounded_chunks_in_order():
-    from types import SimpleNamespace
-    from deputy_server import WRITE_CHUNK, Connection
-    pieces = [bytes([65 + i % 26]) * 1000 for i in range(1000)]
-    conn = SimpleNamespace(out=list(pieces), out_bytes=sum(map(len, pieces)))
-    written = []
-    while conn.out:
-        chunk = Connection.next_chunk(conn)
-        assert len(chunk) <= WRITE_CHUNK + 1000
-        conn.out_bytes -= len(chunk)
-        written.append(chunk)
-    assert len(written) > 1 and b"".join(written) == b"".join(pieces)

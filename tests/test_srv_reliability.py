@@ -259,6 +259,42 @@ def test_metrics_flood_from_non_reading_client_is_bounded(server):
         watch.stopping.set()
 
 
+def test_a_batch_paused_midway_is_finished_in_order_once_the_client_reads(start_server):
+    """Requests pipelined in one write, whose answers pass the high-water
+    mark part way through: the server stops there, keeps the rest of the
+    batch, and answers every request exactly once, in order, when the
+    client reads again."""
+    srv = start_server("--high-water", "16384")
+    mon = srv.connect()
+    mon.send(*[do(i, "type-%04d" % i) for i in range(100)])   # big metrics answers
+    sync_quiet(mon)
+    n = 400
+    s = small_buffer_socket(srv.port, rcvbuf=4096)
+    batch = []
+    for i in range(n):
+        batch.append(b'{"cmd":"metrics"}\n')
+        batch.append(line(do("bg-%d" % i, "marker", i, bg=True)))
+    sender = Sender(s, b"".join(batch))
+    sender.start()
+    wait_for(lambda: mon.metrics()["jobs_added"] > 100, 10, what="the batch started")
+    added = wait_stalled(mon, lambda m: m["jobs_added"])
+    assert added < 100 + n, "the whole batch was handled for a client that does not read"
+    s.settimeout(20)
+    buf = b""
+    order = []
+    while len(order) < 2 * n:
+        chunk = s.recv(1 << 20)
+        assert chunk, "server closed after %d answers" % len(order)
+        buf += chunk
+        lines = buf.split(b"\n")
+        buf = lines.pop()
+        order.extend(orjson.loads(text)["cmd"] for text in lines)
+    assert order == ["metrics", "queued"] * n
+    assert mon.metrics()["jobs_added"] == 100 + n
+    sender.join(5)
+    s.close()
+
+
 def test_non_reading_worker_does_not_block_others(server, connect):
     """A worker that takes jobs and never reads again holds at most its
     capacity; other workers and submitters go on."""

@@ -1,0 +1,146 @@
+"""The connection's framing and writing, in process: lines split across
+reads, output given to the kernel in bounded pieces, partial sends, and big
+payloads sent without a copy."""
+import random
+
+import gevent
+import gevent.socket
+import pytest
+
+from deputy_server import (
+    BIG_PIECE, BIG_READ, WRITE_CHUNK, WRITE_PIECES, Connection, Server, unsent_part)
+
+
+@pytest.fixture
+def pair():
+    """A Connection on one end of a socket pair, and the other end."""
+    ours, theirs = gevent.socket.socketpair()
+    conn = Connection(Server(port=0), ours, ("test", 0))
+    yield conn, theirs
+    ours.close()
+    theirs.close()
+
+
+def read_exactly(sock, size, timeout=10):
+    got = []
+    with gevent.Timeout(timeout):
+        while size > 0:
+            chunk = sock.recv(min(size, 1 << 20))
+            assert chunk, "closed early"
+            got.append(chunk)
+            size -= len(chunk)
+    return b"".join(got)
+
+
+# -- reading: lines across reads ----------------------------------------------
+
+def feed(conn, chunks):
+    lines = []
+    for chunk in chunks:
+        got = conn.complete_lines(chunk)
+        assert got is not None
+        lines.extend(got)
+    return lines
+
+
+@pytest.mark.parametrize("line_size", [10, 1000, BIG_READ + 5, 70000])
+def test_lines_cut_anywhere_come_out_whole_and_in_order(pair, line_size):
+    conn, _ = pair
+    rng = random.Random(line_size)
+    want = [bytes([65 + n % 26]) * rng.randint(1, line_size) for n in range(60)]
+    stream = b"".join(text + b"\n" for text in want)
+    chunks, at = [], 0
+    while at < len(stream):
+        size = rng.choice([1, 7, 100, BIG_READ, 3 * line_size])
+        chunks.append(stream[at:at + size])
+        at += size
+    assert feed(conn, chunks) == want
+    assert conn.partial == [] and conn.partial_len == 0
+
+
+def test_an_unfinished_line_over_max_line_ends_the_connection(pair):
+    conn, _ = pair
+    conn.max_line = 1000
+    assert conn.complete_lines(b"x" * 600) == []
+    assert conn.complete_lines(b"x" * 600) is None
+    assert conn.closing
+    assert b"line too long (limit 1000 bytes)" in b"".join(conn.out)
+
+
+# -- writing -------------------------------------------------------------------
+
+def test_a_big_backlog_is_taken_in_bounded_pieces_in_order(pair):
+    conn, _ = pair
+    pieces = [bytes([65 + n % 26]) * 1000 for n in range(1000)] + [b"y"] * 2000
+    conn.out, conn.out_bytes = list(pieces), sum(map(len, pieces))
+    taken = []
+    while conn.out:
+        part, size = conn.next_pieces()
+        assert size == sum(map(len, part))
+        assert len(part) <= WRITE_PIECES
+        assert size < WRITE_CHUNK + 1000
+        conn.out_bytes -= size
+        taken.extend(part)
+    assert len(taken) == len(pieces) and b"".join(taken) == b"".join(pieces)
+
+
+@pytest.mark.parametrize("sent", [0, 1, 999, 1000, 1001, 2500, 3000])
+def test_the_unsent_part_of_a_partial_send_is_exact(sent):
+    pieces = [b"a" * 1000, b"b" * 1000, b"c" * 1000]
+    assert b"".join(unsent_part(pieces, sent)) == b"".join(pieces)[sent:]
+
+
+def test_big_payloads_go_to_the_kernel_without_a_copy(pair):
+    conn, _ = pair
+    given = []
+    conn.raw_sendmsg = lambda pieces: given.append(pieces) or sum(map(len, pieces))
+    payload = b'"' + b"x" * BIG_PIECE + b'"'
+    conn.send_many((b'{"cmd":"did","id":1,"res":', payload, b"}\r\n"))
+    conn.flush()
+    assert len(given) == 1 and any(piece is payload for piece in given[0])
+    assert conn.out == [] and conn.out_bytes == 0
+
+
+def test_small_pieces_are_joined_into_one_send(pair):
+    conn, theirs = pair
+    calls = []
+    raw_send = conn.raw_send
+    conn.raw_send = lambda data: calls.append(len(data)) or raw_send(data)
+    for n in range(50):
+        conn.send(b'{"cmd":"queued","id":%d}\r\n' % n)
+    conn.flush()
+    assert len(calls) == 1
+    assert read_exactly(theirs, calls[0]).count(b"\n") == 50
+
+
+def test_a_backlog_bigger_than_the_socket_buffer_arrives_whole_and_in_order(pair):
+    """Partial sends, the writer greenlet, sendmsg and joined sends together:
+    every byte arrives once, in order."""
+    conn, theirs = pair
+    rng = random.Random(7)
+    pieces = []
+    for n in range(300):
+        size = rng.choice([20, 300, 5000, BIG_PIECE + 1, 100000])
+        pieces.append(bytes([65 + n % 26]) * size)
+    total = sum(map(len, pieces))
+    for piece in pieces:
+        conn.send(piece)
+    conn.high_water = total + 1             # this test is not about pausing
+    reader = gevent.spawn(read_exactly, theirs, total, 30)
+    gevent.sleep(0)                         # the flush callback runs
+    assert reader.get(timeout=30) == b"".join(pieces)
+    assert conn.out == [] and conn.out_bytes == 0
+
+
+def test_a_peer_gone_for_writing_ends_the_connection(pair):
+    conn, theirs = pair
+    theirs.close()
+    conn.send(b"x" * 1000)
+    with gevent.Timeout(5):
+        while not conn.closing:
+            gevent.sleep(0.01)
+    assert conn.out == []
+
+
+def test_one_send_never_takes_more_buffers_than_the_kernel_allows():
+    assert WRITE_PIECES <= 1024         # IOV_MAX on Linux: sendmsg fails beyond it
