@@ -50,9 +50,9 @@ DEFAULT_MAX_ATTEMPTS = 5                 # worker losses before a job fails
 DEFAULT_METRICS_INTERVAL = 5.0           # seconds between -v metrics lines
 DEFAULT_HIGH_WATER = 4 * 1024 * 1024     # unsent bytes before a connection is paused
 DEFAULT_DRAIN_TIMEOUT = 30.0             # seconds SIGTERM waits for running jobs
-# One read: many pipelined lines at once. Not more: glibc serves bigger
-# requests in a way that costs ~30-90 µs a recv (measured: 256 KiB reads of
-# a 60-byte line took 34 µs, 128 KiB reads 7 µs).
+# One read: many pipelined lines at once. Not more: glibc gives a bigger
+# buffer an mmap and munmap of its own on every read (256 KiB reads of a
+# 60-byte line measured 34 µs, 128 KiB reads 7 µs).
 RECV_SIZE = 128 * 1024
 YIELD_AFTER_LINES = 64                  # a TLS batch this big yields to others
 WRITE_CHUNK = 256 * 1024                # most bytes given to one send
@@ -1049,8 +1049,9 @@ class Broker:
 
 
 ###############################################################################
-# Connections: one greenlet per socket reads and handles lines; what the
-# broker sends is written once per turn of the event loop, in one send.
+# Connections: one greenlet per socket owns it; an event-loop callback reads
+# and handles its lines (TLS: the greenlet reads). What the broker sends is
+# written once per turn of the event loop, in one send.
 # Past the high-water mark of unsent output the connection is paused
 # (SPEC 5).
 ###############################################################################
@@ -1190,11 +1191,13 @@ class Connection:
 
     # A plain socket is read by a callback of the event loop, not by this
     # greenlet: a worker answering one job at a time would otherwise cost two
-    # greenlet switches (into the reader and back out) per job, which is a
-    # third of the server's CPU for small jobs. The callback does exactly what
-    # the read loop below does, one recv per readiness, and never blocks:
-    # when backpressure pauses the connection mid-batch it keeps the unread
-    # lines and stops watching the socket until resume().
+    # greenlet switches (into the reader and back out) per job, and switching
+    # among 10,000 greenlet stacks is what made 10,000 idle workers cost more
+    # per job than 32 (bench/run.py: 75 -> 64 µs a job; one-at-a-time p50
+    # 229 -> 198 µs). The callback does what the read loop below does, one
+    # recv per readiness, and never blocks: when backpressure pauses the
+    # connection mid-batch it keeps the unread lines and stops watching the
+    # socket until resume().
 
     def read_in_hub(self):
         self.done_reading = gevent.event.Event()

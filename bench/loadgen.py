@@ -40,7 +40,7 @@ import orjson
 loads, dumps = orjson.loads, orjson.dumps
 perf_counter = time.perf_counter
 CLK_TCK = os.sysconf('SC_CLK_TCK')
-RECV = 128 * 1024      # bigger reads cost ~30-90 µs each in glibc's malloc
+RECV = 128 * 1024      # bigger buffers cost glibc an mmap+munmap per read
 CHUNK = 10000          # jobs per send in --queue-first mode
 SETTLE_LIMIT = 30.0    # s: most to wait for the server to go idle after connecting
 BARRIER_ID = 'barrier'  # job ids of the load are integers
