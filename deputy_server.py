@@ -356,8 +356,8 @@ def parse_did(msg, line):
 
 ###############################################################################
 # Jobs and the broker: per-type queues, worker slots, dispatch, requeue,
-# metrics. The broker talks to connections only through Peer.send,
-# Peer.send_many and Peer.close, and is told of backpressure through
+# metrics. The broker talks to connections only through Peer.link (its
+# send, send_many and close), and is told of backpressure through
 # Broker.pause and Broker.resume, so tests can drive it with fakes.
 ###############################################################################
 
@@ -502,13 +502,14 @@ class Peer:
     """The broker's view of one connection: what it can do, the jobs it holds
     as a worker, and the jobs it submitted and waits for."""
 
-    __slots__ = ("send", "send_many", "close", "name", "kinds", "capacity", "held", "jobs", "paused",
+    __slots__ = ("link", "name", "kinds", "capacity", "held", "jobs", "paused",
                  "held_back", "deadlines", "closed", "authed")
 
     def __init__(self, link, name=""):
-        self.send = link.send       # bytes -> None, never blocks
-        self.send_many = link.send_many     # pieces of one message -> None
-        self.close = link.close     # -> None, ends the connection
+        # The connection: link.send(bytes) and link.send_many(pieces of one
+        # message) never block; link.close() ends it. (Called through link,
+        # not kept as bound methods: three fewer objects to touch per job.)
+        self.link = link
         self.name = name
         self.kinds = {}             # JobType -> None (ordered: can_do order)
         self.capacity = 1
@@ -683,9 +684,9 @@ class Broker:
         if job.ttr is not None:
             job.ttr_timer = self.start_timer(job.ttr, self.ttr_expired, job, wid)
         if len(job.arg_tail) < BIG_PIECE:
-            peer.send(b"".join((b'{"cmd":"do","id":', b"%d" % wid, kind.do_prefix, job.arg_tail)))
+            peer.link.send(b"".join((b'{"cmd":"do","id":', b"%d" % wid, kind.do_prefix, job.arg_tail)))
         else:                       # a big payload goes out as it is, not copied
-            peer.send_many((b'{"cmd":"do","id":%d%s' % (wid, kind.do_prefix), job.arg_tail))
+            peer.link.send_many((b'{"cmd":"do","id":%d%s' % (wid, kind.do_prefix), job.arg_tail))
         if len(peer.held) >= peer.capacity:
             for other in peer.kinds:
                 other.idle.pop(peer, None)
@@ -727,7 +728,7 @@ class Broker:
             self.unique[(kind.name, sub.unique)] = job
         if sub.bg:
             c.jobs_background += 1
-            peer.send(b'{"cmd":"queued","id":%s}\r\n' % dumps(sub.id))
+            peer.link.send(b'{"cmd":"queued","id":%s}\r\n' % dumps(sub.id))
             if sub.timeout is not None:
                 self.start_bg_deadline(job, sub.timeout)
         else:
@@ -750,7 +751,7 @@ class Broker:
         if sub.bg:
             job.bg += 1
             self.counters.jobs_background += 1
-            peer.send(b'{"cmd":"queued","id":%s}\r\n' % dumps(sub.id))
+            peer.link.send(b'{"cmd":"queued","id":%s}\r\n' % dumps(sub.id))
             if sub.timeout is not None:
                 self.start_bg_deadline(job, sub.timeout)
             return self.unhold(job)
@@ -774,7 +775,7 @@ class Broker:
             raise ProtocolError("no unfinished job with this id", sub_id)
         self.counters.jobs_cancelled += 1
         self.detach(peer, sub_id, job, cancel_running=True)
-        peer.send(b'{"cmd":"did","id":%s,"err":"cancelled"}\r\n' % dumps(sub_id))
+        peer.link.send(b'{"cmd":"did","id":%s,"err":"cancelled"}\r\n' % dumps(sub_id))
 
     def detach(self, peer, sub_id, job, cancel_running):
         """peer stops waiting for job under sub_id (it cancelled, timed out or
@@ -805,7 +806,7 @@ class Broker:
             self.forget(job)
             job.state = FINISHED
             worker = job.worker
-            worker.send(encode_cancel(job.wid))
+            worker.link.send(encode_cancel(job.wid))
             self.worker_ready(worker)
         # A running job nobody waits for any more runs on; its result is dropped.
 
@@ -892,13 +893,13 @@ class Broker:
         if owner is not None:
             self.answered(owner, job.owner_id)
             if len(value_json) < BIG_PIECE:
-                owner.send(b"".join((job.owner_reply, field, value_json, b"}\r\n")))
+                owner.link.send(b"".join((job.owner_reply, field, value_json, b"}\r\n")))
             else:                   # a big payload goes out as it is, not copied
-                owner.send_many((job.owner_reply + field, value_json, b"}\r\n"))
+                owner.link.send_many((job.owner_reply + field, value_json, b"}\r\n"))
         if job.joined:      # one value for every joined submitter, not a copy each
             for peer, sub_id, prefix in job.joined:
                 self.answered(peer, sub_id)
-                peer.send_many((prefix + field, value_json, b"}\r\n"))
+                peer.link.send_many((prefix + field, value_json, b"}\r\n"))
 
     def answered(self, peer, sub_id):
         del peer.jobs[sub_id]
@@ -910,7 +911,7 @@ class Broker:
         for sub_peer, sub_id, _ in job.submitters():
             if sub_peer.paused:         # advisory: dropped rather than piled up
                 continue
-            sub_peer.send(b"".join((b'{"cmd":"progress","id":', dumps(sub_id), b',"data":',
+            sub_peer.link.send(b"".join((b'{"cmd":"progress","id":', dumps(sub_id), b',"data":',
                                     data_json, b"}\r\n")))
 
     def release(self, peer, wid):
@@ -975,7 +976,7 @@ class Broker:
         if job.state != RUNNING or job.wid != wid or worker is None:
             return
         self.take_back(job)
-        worker.send(encode_cancel(wid))
+        worker.link.send(encode_cancel(wid))
         if self.lost_attempt(job):
             self.kick(job.kind)
         self.worker_ready(worker)
@@ -1013,7 +1014,7 @@ class Broker:
             return
         self.counters.jobs_timed_out += 1
         self.detach(peer, sub_id, job, cancel_running=True)
-        peer.send(b'{"cmd":"did","id":%s,"err":"timeout"}\r\n' % dumps(sub_id))
+        peer.link.send(b'{"cmd":"did","id":%s,"err":"timeout"}\r\n' % dumps(sub_id))
 
     # -- backpressure --------------------------------------------------------
 
@@ -1118,17 +1119,13 @@ class Connection:
         self.closing = False        # set by a fatal error: flush, then close
         self.logged_error = False
         self.peer = self.broker.connect(self, self.name)
-        self.handlers = {"auth": self.on_auth}
+        self.handlers = BEFORE_AUTH
         if server.secret is None:
             self.authenticated()
 
     def authenticated(self):
         self.peer.authed = True
-        self.handlers = {
-            "do": self.on_do, "did": self.on_did, "can_do": self.on_can_do,
-            "cant_do": self.on_cant_do, "metrics": self.on_metrics, "cancel": self.on_cancel,
-            "progress": self.on_progress, "release": self.on_release, "auth": self.on_auth,
-        }
+        self.handlers = COMMANDS
 
     # -- the broker's interface ----------------------------------------------
 
@@ -1318,7 +1315,7 @@ class Connection:
                         continue
                     raise
                 cmd = msg["cmd"]
-                handlers[cmd](msg, line)
+                handlers[cmd](self, msg, line)
             except ProtocolError as exc:
                 self.refuse(exc)
             except Exception:
@@ -1485,6 +1482,17 @@ class Connection:
         with gevent.Timeout(CLOSE_FLUSH_TIMEOUT, False):
             while (self.out or self.writer_owns_socket) and not self.sock.closed:
                 gevent.sleep(0.005)
+
+
+# What each command does, by name: shared by all connections (a dict of bound
+# methods per connection would cost 10,000 workers a kilobyte each).
+COMMANDS = {
+    "do": Connection.on_do, "did": Connection.on_did, "can_do": Connection.on_can_do,
+    "cant_do": Connection.on_cant_do, "metrics": Connection.on_metrics,
+    "cancel": Connection.on_cancel, "progress": Connection.on_progress,
+    "release": Connection.on_release, "auth": Connection.on_auth,
+}
+BEFORE_AUTH = {"auth": Connection.on_auth}
 
 
 ###############################################################################
