@@ -450,3 +450,30 @@ def test_a_lost_job_nobody_waits_for_ends_without_failing_anyone():
     broker.disconnect(w)                    # then its worker is lost
     assert broker.counters.jobs_failed == 0 and broker.counters.jobs_reassigned == 0
     assert broker.counters.jobs_running == 0 and broker.counters.jobs_queued == 0
+
+
+def test_a_big_payload_is_handed_out_and_delivered_without_a_copy(broker):
+    """Issue 4: no needless copies of payloads. A big arg goes to the worker,
+    and a big result to the submitter, as the very bytes the protocol layer
+    encoded, in a piece of their own."""
+    client, cl = peer(broker)
+    w, wl = worker(broker)
+    job = sub(1, arg="x" * 100000)
+    broker.submit(client, job)
+    assert any(piece is job.arg_json for piece in wl.pieces[-1])
+    [do] = wl.take()
+    assert do["arg"] == "x" * 100000
+    result = orjson.dumps("y" * 100000)
+    broker.did(w, do["id"], result, None)
+    assert any(piece is result for piece in cl.pieces[-1])
+    assert cl.take() == [{"cmd": "did", "id": 1, "res": "y" * 100000}]
+
+
+def test_a_small_payload_is_copied_into_a_right_sized_object(broker):
+    """orjson's bytes keep a 4 KiB buffer each: a queued small job must not."""
+    client, _ = peer(broker)
+    job = sub(1, arg="small")
+    broker.submit(client, job)
+    [queued] = broker.kinds["echo"].queue.by_priority[0]
+    assert type(queued.arg_tail) is bytes and queued.arg_tail is not job.arg_json
+    assert queued.arg_tail == job.arg_json + b"}\r\n"
