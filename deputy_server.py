@@ -380,12 +380,9 @@ class Job:
         self.kind = kind
         # The worker's `do` after "arg":. Concatenating also copies orjson's
         # output into a right-sized object: orjson.dumps returns bytes that
-        # keep a 4 KiB buffer each. A big one (at most ~12% spare) is kept as
-        # it is and sent as a piece of its own.
-        if len(sub.arg_json) < BIG_PIECE:
-            self.arg_tail = sub.arg_json + b"}\r\n"
-        else:
-            self.arg_tail = (sub.arg_json, b"}\r\n")
+        # keep a 4 KiB buffer each, and keeping its big outputs queued made
+        # the 64 KiB bench's peak RSS 45 -> 60-76 MiB.
+        self.arg_tail = sub.arg_json + b"}\r\n"
         self.priority = sub.priority
         self.owner = owner
         self.owner_id = sub.id
@@ -691,10 +688,10 @@ class Broker:
         peer.held[wid] = job
         if job.ttr is not None:
             job.ttr_timer = self.start_timer(job.ttr, self.ttr_expired, job, wid)
-        if type(job.arg_tail) is bytes:
+        if len(job.arg_tail) < BIG_PIECE:
             peer.link.send(b"".join((b'{"cmd":"do","id":', b"%d" % wid, kind.do_prefix, job.arg_tail)))
-        else:                       # a big payload goes out as it is, not copied
-            peer.link.send_many((b'{"cmd":"do","id":%d%s' % (wid, kind.do_prefix),) + job.arg_tail)
+        else:                       # a big payload goes out as it is, not copied again
+            peer.link.send_many((b'{"cmd":"do","id":%d%s' % (wid, kind.do_prefix), job.arg_tail))
         if len(peer.held) >= peer.capacity:
             for other in peer.kinds:
                 other.idle.pop(peer, None)
