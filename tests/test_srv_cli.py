@@ -308,13 +308,14 @@ def test_installed_console_script():
     if exe is None:
         pytest.skip("deputy-server is not installed (pip install -e .)")
     proc = subprocess.run([exe, "--version"], capture_output=True, timeout=10)
-    assert proc.returncode == 0
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
     port = free_port()
     p = subprocess.Popen([exe, "-p", str(port)], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                         stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         wait_for(lambda: can_connect("127.0.0.1", port) or p.poll() is not None, 10)
-        assert p.poll() is None
+        assert p.poll() is None, p.stderr.read().decode(errors="replace")
     finally:
         p.send_signal(signal.SIGINT)
         assert p.wait(5) == 0
+        p.stderr.close()
