@@ -22,6 +22,7 @@ coalescing writer, backpressure), HTTP metrics and status page, the server
 (listeners, signals), command line.
 """
 
+import gc
 import heapq
 import hmac
 import json
@@ -59,6 +60,13 @@ WRITE_CHUNK = 256 * 1024                # most bytes given to one send
 WRITE_PIECES = 512                      # most pieces given to one send (IOV_MAX is 1024)
 BIG_PIECE = 32 * 1024                   # payloads this big are sent as they are, not copied
 CLOSE_FLUSH_TIMEOUT = 5.0                # seconds to flush a goodbye before closing
+# The cyclic GC's youngest generation: collect after this many new objects,
+# not Python's 700. A client's batch creates a job and a write callback per
+# line; at 700 they were collected, promoted, and then paid for in full
+# collections of every connection's objects (15 % of the CPU with 10,000
+# workers, pauses of 175 ms). The hot path makes no reference cycles, so
+# this only delays collecting the few that closed connections leave.
+GC_YOUNG_THRESHOLD = 50000
 
 log = logging.getLogger("deputy")
 
@@ -1264,7 +1272,7 @@ class Connection:
         if self.partial:        # join the line it ends, not all of data; one copy
             self.partial.append(memoryview(data)[:end])
             first = b"".join(self.partial)
-            self.partial = []
+            self.partial.clear()
             lines, tail = split_lines(data, end + 1)
             lines.insert(0, first)
         else:
@@ -1428,19 +1436,26 @@ class Connection:
 
     def next_pieces(self):
         """-> (pieces, their size): the front of the output, up to
-        WRITE_CHUNK bytes, so a big backlog is never handled whole."""
+        WRITE_CHUNK bytes, so a big backlog is never handled whole.
+
+        The connection keeps its one output list: a fresh list per flush
+        would outlive the flush, and with 10,000 workers those lists kept
+        the cyclic GC busy (15 % of the server's CPU, pauses of 175 ms);
+        the copy taken here is freed as soon as it is sent."""
         out = self.out
         if self.out_bytes <= WRITE_CHUNK and len(out) <= WRITE_PIECES:
-            self.out = []
-            return out, self.out_bytes
+            pieces = out[:]
+            out.clear()
+            return pieces, self.out_bytes
         size = count = 0
         for piece in out:
             count += 1
             size += len(piece)
             if size >= WRITE_CHUNK or count == WRITE_PIECES:
                 break
-        self.out = out[count:]
-        return out[:count], size
+        pieces = out[:count]
+        del out[:count]
+        return pieces, size
 
     def send_pieces(self, pieces, size):
         """One non-blocking send. Small pieces are joined first, which is
@@ -1995,6 +2010,7 @@ def main(argv=None, environ=os.environ):
     try:
         args = docopt(USAGE, argv, default_help=False)
         server = server_from_args(args, environ)
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         return server.serve_forever()
     except DocoptExit:
         return fail("bad command line %r (see deputy-server --help)" % " ".join(argv))

@@ -144,3 +144,27 @@ def test_a_peer_gone_for_writing_ends_the_connection(pair):
 
 def test_one_send_never_takes_more_buffers_than_the_kernel_allows():
     assert WRITE_PIECES <= 1024         # IOV_MAX on Linux: sendmsg fails beyond it
+
+
+def test_a_connection_keeps_its_one_output_list(pair):
+    """A fresh list per flush outlived the flush and, with 10,000 workers,
+    kept the cyclic GC busy; the list is reused."""
+    conn, theirs = pair
+    out = conn.out
+    for n in range(3):
+        conn.send(b'{"cmd":"queued","id":%d}\r\n' % n)
+        conn.flush()
+        assert conn.out is out and out == []
+    assert read_exactly(theirs, 3 * len(b'{"cmd":"queued","id":0}\r\n')).count(b"\n") == 3
+
+
+def test_the_server_program_collects_young_objects_less_often(monkeypatch):
+    import gc
+    import deputy_server
+    monkeypatch.setattr(deputy_server.Server, "serve_forever", lambda self: 0)
+    saved = gc.get_threshold()
+    try:
+        assert deputy_server.main(["-p", "0"], environ={}) == 0
+        assert gc.get_threshold() == (deputy_server.GC_YOUNG_THRESHOLD,) + saved[1:]
+    finally:
+        gc.set_threshold(*saved)
