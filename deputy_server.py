@@ -1249,8 +1249,10 @@ class Connection:
         self.done_reading.set()
 
     def resume_reading_in_hub(self):
-        """After a pause: the lines kept from the paused batch first."""
-        if self.peer.paused:
+        """After a pause: the lines kept from the paused batch first. Not
+        once reading has finished (closed, or the peer left): the lines of a
+        connection being torn down are not handled."""
+        if self.peer.paused or self.watcher is None:
             return
         lines, self.pending = self.pending, None
         if lines:

@@ -4,6 +4,7 @@ payloads sent without a copy."""
 import random
 
 import gevent
+import gevent.event
 import gevent.socket
 import pytest
 
@@ -168,3 +169,15 @@ def test_the_server_program_collects_young_objects_less_often(monkeypatch):
         assert gc.get_threshold() == (deputy_server.GC_YOUNG_THRESHOLD,) + saved[1:]
     finally:
         gc.set_threshold(*saved)
+
+
+def test_lines_kept_from_a_paused_batch_are_dropped_once_the_connection_closes(pair):
+    """A resume that comes after the connection closed (its writer drained)
+    must not handle the rest of the batch for a connection being torn down."""
+    conn, _ = pair
+    conn.watcher = conn.loop.io(conn.sock.fileno(), 1)
+    conn.done_reading = gevent.event.Event()
+    conn.pending = [b'{"cmd":"do","id":1,"type":"t"}']
+    conn.close()
+    conn.resume_reading_in_hub()
+    assert conn.broker.counters.jobs_added == 0
