@@ -190,3 +190,12 @@ def connect(server):
     yield make
     for conn in conns:
         conn.close()
+
+
+@pytest.fixture(scope="module")
+def shared():
+    """One server for a test module's tests that do not need clean metrics
+    (each uses types of its own); stopped after the module."""
+    srv = ServerProcess()
+    yield srv
+    srv.stop()

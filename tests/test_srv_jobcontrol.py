@@ -6,19 +6,11 @@ import time
 import pytest
 
 from rawhelpers import (
-    ServerProcess, did, do, expect_error, sync, sync_quiet, take_job, wait_metrics,
+    did, do, expect_error, sync, sync_quiet, take_job, wait_metrics,
     worker)
 from rawhelpers import warm_server  # noqa: F401 (the `server` fixture, from a warm spare)
 
 _types = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def shared():
-    """One server for the refusal tests, which use a type of their own."""
-    srv = ServerProcess()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture

@@ -244,16 +244,23 @@ def drain_messages(c):
     return out
 
 
+def draining_with_one_job(srv):
+    """A worker holding one job of a submitter's, then SIGTERM, once the
+    listener has closed: -> (worker, submitter, the job as the worker got it)."""
+    w = worker(srv, "t")
+    s = srv.connect()
+    s.send(do(1, "t"))
+    j = take_job(w, "t")
+    srv.signal(signal.SIGTERM)
+    wait_for(lambda: listener_closed(srv), 3)
+    return w, s, j
+
+
 def test_drain_ends_when_the_worker_in_flight_is_lost(start_server):
     """A lost worker's job goes back to the queue, which is no longer handed
     out while draining: nothing is left in flight, so the server exits."""
     srv = start_server()
-    w = worker(srv, "t")
-    s = srv.connect()
-    s.send(do(1, "t"))
-    take_job(w, "t")
-    srv.signal(signal.SIGTERM)
-    wait_for(lambda: listener_closed(srv), 3)
+    w, s, _ = draining_with_one_job(srv)
     t0 = time.monotonic()
     w.close()
     assert srv.wait(5) == 0
@@ -262,12 +269,7 @@ def test_drain_ends_when_the_worker_in_flight_is_lost(start_server):
 
 def test_drain_ends_when_the_job_in_flight_is_cancelled(start_server):
     srv = start_server()
-    w = worker(srv, "t")
-    s = srv.connect()
-    s.send(do(1, "t"))
-    j = take_job(w, "t")
-    srv.signal(signal.SIGTERM)
-    wait_for(lambda: listener_closed(srv), 3)
+    w, s, j = draining_with_one_job(srv)
     t0 = time.monotonic()
     s.send({"cmd": "cancel", "id": 1})
     s.expect("did", id=1, err="cancelled")
@@ -304,12 +306,7 @@ def test_second_sigterm_exits_at_once(start_server, tmp_path):
     path = unix_path(tmp_path)
     srv = start_server("-s", path)
     wait_unix_ready(path)
-    w = worker(srv, "t")
-    s = srv.connect()
-    s.send(do(1, "t"))
-    take_job(w, "t")
-    srv.signal(signal.SIGTERM)
-    wait_for(lambda: listener_closed(srv), 3)
+    w, s, _ = draining_with_one_job(srv)
     time.sleep(0.2)
     assert srv.proc.poll() is None
     t0 = time.monotonic()
@@ -321,12 +318,7 @@ def test_second_sigterm_exits_at_once(start_server, tmp_path):
 
 def test_sigint_during_drain_exits_at_once(start_server):
     srv = start_server()
-    w = worker(srv, "t")
-    s = srv.connect()
-    s.send(do(1, "t"))
-    take_job(w, "t")
-    srv.signal(signal.SIGTERM)
-    wait_for(lambda: listener_closed(srv), 3)
+    w, s, _ = draining_with_one_job(srv)
     t0 = time.monotonic()
     srv.signal(signal.SIGINT)
     assert srv.wait(5) == 0
@@ -354,12 +346,7 @@ def test_drain_delivers_several_results_on_several_connections(start_server):
 
 def test_metrics_still_answered_while_draining(start_server):
     srv = start_server()
-    w = worker(srv, "t")
-    s = srv.connect()
-    s.send(do(1, "t"))
-    j = take_job(w, "t")
-    srv.signal(signal.SIGTERM)
-    wait_for(lambda: listener_closed(srv), 3)
+    w, s, j = draining_with_one_job(srv)
     before, m = sync(s)
     assert before == [] and m["jobs_running"] == 1
     w.send(did(j["id"], res=None))

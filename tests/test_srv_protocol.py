@@ -7,7 +7,7 @@ import orjson
 import pytest
 
 from rawhelpers import (
-    MISSING, ServerProcess, assert_same, can_do, cant_do, did, do, expect_error,
+    MISSING, assert_same, can_do, cant_do, did, do, expect_error,
     roundtrip_ok, sync_quiet, take_job, wait_metrics, worker)
 
 _types = itertools.count()
@@ -15,14 +15,6 @@ _types = itertools.count()
 
 def fresh_type():
     return "proto-%d" % next(_types)
-
-
-@pytest.fixture(scope="module")
-def shared():
-    """One server for the tests here that do not need clean metrics."""
-    srv = ServerProcess()
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture
