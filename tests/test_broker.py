@@ -3,7 +3,7 @@ import gevent
 import orjson
 import pytest
 
-from deputy_server import Broker, ProtocolError, Submission
+from deputy_server import Broker, Job, ProtocolError, parse_do
 
 
 class FakeLink:
@@ -31,14 +31,9 @@ class FakeLink:
 
 
 def sub(id, type="echo", arg=None, **options):
-    s = Submission()
-    s.id, s.type, s.arg_json = id, type, orjson.dumps(arg)
-    s.priority = options.get("priority", 0)
-    s.bg = options.get("bg", False)
-    s.unique = options.get("unique")
-    s.ttr = options.get("ttr")
-    s.timeout = options.get("timeout")
-    return s
+    """The job a `do` message with these fields becomes."""
+    msg = dict({"cmd": "do", "id": id, "type": type, "arg": arg}, **options)
+    return parse_do(msg, orjson.dumps(msg))
 
 
 @pytest.fixture
@@ -145,7 +140,7 @@ def test_a_job_lost_max_attempts_times_fails(broker):
         broker.disconnect(w)
     reply = cl.take()
     assert len(reply) == 1 and reply[0]["id"] == "x" and "lost 3 times" in reply[0]["err"]
-    assert broker.counters.jobs_queued == 0 and broker.counters.jobs_failed == 1
+    assert broker.metrics()["jobs_queued"] == 0 and broker.metrics()["jobs_failed"] == 1
 
 
 def test_lost_submitter_queued_jobs_are_dropped_and_results_discarded(broker):
@@ -156,7 +151,7 @@ def test_lost_submitter_queued_jobs_are_dropped_and_results_discarded(broker):
     wid = wl.take()[0]["id"]
     broker.disconnect(client)
     assert broker.counters.jobs_abandoned == 2
-    assert broker.counters.jobs_queued == 0
+    assert broker.metrics()["jobs_queued"] == 0
     broker.did(w, wid, b"1", None)          # accepted, delivered to nobody
     assert wl.take() == [] and cl.take() == []
     assert broker.kinds["echo"].stats()["idle"] == 1
@@ -267,7 +262,7 @@ def test_timeout_answers_the_submitter_and_drops_the_job(broker):
     assert cl.take() == [{"cmd": "did", "id": 1, "err": "timeout"}]
     w, wl = worker(broker)
     assert wl.take() == []
-    assert broker.counters.jobs_timed_out == 1 and broker.counters.jobs_queued == 0
+    assert broker.counters.jobs_timed_out == 1 and broker.metrics()["jobs_queued"] == 0
 
 
 def test_background_job_is_acknowledged_and_survives_its_submitter(broker):
@@ -280,7 +275,7 @@ def test_background_job_is_acknowledged_and_survives_its_submitter(broker):
     handed = wl.take()
     assert len(handed) == 2
     broker.did(w, handed[0]["id"], b"1", None)
-    assert broker.counters.jobs_done == 1
+    assert broker.metrics()["jobs_done"] == 1
 
 
 def test_release_puts_the_job_back_without_counting_an_attempt(broker):
@@ -349,7 +344,7 @@ def test_a_coalesced_job_set_aside_for_its_paused_owner_survives_the_owner(broke
     broker.disconnect(a)                    # the owner leaves; b still waits
     broker.did(w, handed[0]["id"], b"8", None)
     assert bl.take() == [{"cmd": "did", "id": "b1", "res": 8}]
-    assert broker.counters.jobs_queued == 0 and broker.counters.jobs_running == 0
+    assert broker.metrics()["jobs_queued"] == 0 and broker.metrics()["jobs_running"] == 0
 
 
 def test_a_set_aside_unique_job_whose_owner_leaves_leaves_no_zombie(broker):
@@ -360,7 +355,7 @@ def test_a_set_aside_unique_job_whose_owner_leaves_leaves_no_zombie(broker):
     w, wl = worker(broker)
     assert wl.take() == []
     broker.disconnect(a)
-    assert broker.counters.jobs_queued == 0
+    assert broker.metrics()["jobs_queued"] == 0
     broker.submit(d, sub("d1", unique="k"))         # a new job, not a dead one
     handed = wl.take()
     assert len(handed) == 1
@@ -376,7 +371,7 @@ def test_a_set_aside_job_whose_owner_leaves_is_dropped_not_stuck(broker):
     w, wl = worker(broker, capacity=2)
     assert len(wl.take()) == 1              # the bg job goes; job 1 is set aside
     broker.cancel(a, 1)
-    assert broker.counters.jobs_queued == 0
+    assert broker.metrics()["jobs_queued"] == 0
     broker.disconnect(a)
     assert broker.metrics()["types"]["echo"]["queued"] == 0
 
@@ -411,7 +406,7 @@ def test_a_lost_submitter_job_it_held_itself_is_not_handed_out_again(broker):
     assert len(both.held) == 1 and ol.take() == []
     broker.disconnect(both)
     assert ol.take() == []
-    assert broker.counters.jobs_reassigned == 0 and broker.counters.jobs_queued == 0
+    assert broker.counters.jobs_reassigned == 0 and broker.metrics()["jobs_queued"] == 0
 
 
 def test_a_released_job_of_a_lost_submitter_is_dropped(broker):
@@ -423,7 +418,7 @@ def test_a_released_job_of_a_lost_submitter_is_dropped(broker):
     w2, wl2 = worker(broker)
     broker.release(w1, wid)
     assert wl1.take() == [] and wl2.take() == []
-    assert broker.counters.jobs_queued == 0
+    assert broker.metrics()["jobs_queued"] == 0
 
 
 def test_many_distinct_priorities_keep_their_order(broker):
@@ -448,8 +443,8 @@ def test_a_lost_job_nobody_waits_for_ends_without_failing_anyone():
     assert len(wl.take()) == 1
     broker.disconnect(client)               # abandoned while running
     broker.disconnect(w)                    # then its worker is lost
-    assert broker.counters.jobs_failed == 0 and broker.counters.jobs_reassigned == 0
-    assert broker.counters.jobs_running == 0 and broker.counters.jobs_queued == 0
+    assert broker.metrics()["jobs_failed"] == 0 and broker.counters.jobs_reassigned == 0
+    assert broker.metrics()["jobs_running"] == 0 and broker.metrics()["jobs_queued"] == 0
 
 
 def test_a_big_payload_is_handed_out_and_delivered_without_a_copy(broker):
@@ -475,8 +470,9 @@ def test_a_queued_payload_is_copied_into_a_right_sized_object(broker):
     job keeps a copy of its own."""
     client, _ = peer(broker)
     for size in (5, 100000):
-        job = sub(size, arg="x" * size)
+        arg_json = orjson.dumps("x" * size)
+        job = Job(size, "echo", arg_json)
         broker.submit(client, job)
         queued = broker.kinds["echo"].queue.by_priority[0][-1]
-        assert queued.arg_tail is not job.arg_json
-        assert queued.arg_tail == job.arg_json + b"}\r\n"
+        assert queued is job and queued.arg_tail is not arg_json
+        assert queued.arg_tail == arg_json + b"}\r\n"
