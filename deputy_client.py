@@ -218,7 +218,11 @@ def ssl_context_for(tls):
 def complete_lines(parts, chunk):
     """Split what was received into complete lines; the unfinished rest of
     a line stays in `parts` (a list, so long lines are joined once)."""
-    if b"\n" not in chunk:
+    if chunk[-1:] == b"\n" and not parts:      # the usual read: whole lines only
+        lines = chunk.split(b"\n")
+        lines.pop()
+        return lines
+    if chunk.find(b"\n") < 0:      # (not `in`: bytes.__contains__ tries an int first)
         parts.append(chunk)
         return ()
     if parts:
@@ -241,9 +245,21 @@ def exact_line(message):
     TypeError for an integer beyond 64 bits but writes NaN and Infinity as
     null, so a line with a null in it is checked for those."""
     line = dumps(message) + CRLF
-    if b"null" in line:
+    if line.find(b"null") >= 0:     # (not `in`: bytes.__contains__ tries an int first)
         check_exact(message)
     return line
+
+
+def did_line(wid, field, value):
+    """A worker's `did` for job wid: field b'res' (value: any JSON) or
+    b'err' (a string). Raises TypeError like exact_line. Formatted
+    directly: the dict exact_line would take costs more than the line."""
+    if type(wid) is not int:        # the server's wids are; anything else, the slow way
+        return exact_line({"cmd": "did", "id": wid, field.decode(): value})
+    value_json = dumps(value)
+    if value_json.find(b"null") >= 0:
+        check_exact(value)
+    return b'{"cmd":"did","id":%d,"%b":%b}\r\n' % (wid, field, value_json)
 
 
 def check_exact(value):
@@ -317,7 +333,7 @@ class Connection:
     def submit(self, job):
         self.pending[job.id] = job
         job._conn = self
-        self.send(job._encoded())
+        self.send(job._line if job._fields is None else job._encoded())
 
     def _write_loop(self, sock):
         wake = self._wake
@@ -328,7 +344,7 @@ class Connection:
                 out = self._out
                 if out:
                     self._out = []
-                    sock.sendall(b"".join(out))
+                    send_all(sock, out[0] if len(out) == 1 else b"".join(out))
                 if self._closing and not self._out:
                     return
         except OSError as error:
@@ -627,6 +643,15 @@ class Connection:
             writer.kill(block=False)
 
 
+def send_all(sock, data):
+    """sock.sendall(data), but one plain send when the kernel takes it all,
+    as it nearly always does: gevent's sendall costs a getsockopt call and
+    three Python frames per call."""
+    sent = sock.send(data)
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
 def keep_alive(sock):
     """Notice a server that vanished without a word (a cable pulled, a VM
     gone) within about a minute, rather than waiting on it forever."""
@@ -827,8 +852,9 @@ class Worker:
     when the worker is full they are told `cant_do` until a slot frees, and
     a job that arrives anyway is given back with `release`."""
 
-    def __init__(self, client):
+    def __init__(self, client, shared):
         self.client = client
+        self.shared = shared         # several servers share the capacity
         self.handlers = {}
         self.capacity = 1
         self.held = 0                # jobs the servers count as ours
@@ -836,6 +862,7 @@ class Worker:
         self.deferred = collections.deque()   # held, waiting for a slot still busy
         self.idle_slots = []
         self.hub = gevent.get_hub()
+        self.run_callback = self.hub.loop.run_callback
 
     def add(self, handlers, capacity):
         for job_type, handler in handlers.items():
@@ -890,7 +917,7 @@ class Worker:
         slot = self.idle_slots.pop() if self.idle_slots else greenlet.greenlet(
             self._slot_loop, parent=self.hub)
         task.slot = slot
-        self.hub.loop.run_callback(slot.switch, task)
+        self.run_callback(slot.switch, task)
 
     def _slot_loop(self, task):
         slot = greenlet.getcurrent()
@@ -907,7 +934,7 @@ class Worker:
             finally:
                 slot.deputy_task = None
                 self.running -= 1
-            task = self._next_deferred()
+            task = self._next_deferred() if self.deferred else None
             if task is None:
                 if self.client.closed or len(self.idle_slots) >= self.capacity:
                     return
@@ -938,34 +965,39 @@ class Worker:
         try:
             result = task.handler(task.arg)
         except JobFailed as error:
-            self._finish(task, {"cmd": "did", "id": task.wid, "err": str(error.error)})
+            self._finish(task, did_line(task.wid, b"err", str(error.error)))
         except BaseException as error:
             if isinstance(error, JobCancelled) and not task.is_held():
                 return      # the usual way a job taken back ends
             text = "%s: %s" % (type(error).__name__, error) if str(error) else type(error).__name__
             log.info("job %s failed: %s", task.wid, text, exc_info=log.isEnabledFor(logging.DEBUG))
-            self._finish(task, {"cmd": "did", "id": task.wid, "err": text})
+            self._finish(task, did_line(task.wid, b"err", text))
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
         else:
-            self._finish(task, {"cmd": "did", "id": task.wid, "res": result})
+            self._finish(task, self._result_line(task.wid, result))
 
-    def _finish(self, task, message):
-        if not task.is_held():
-            return          # cancelled or taken back: the result goes nowhere
+    def _result_line(self, wid, result):
+        """The did line of a result, or of why it cannot be sent."""
         try:
-            line = exact_line(message)
+            line = did_line(wid, b"res", result)
         except TypeError as error:
-            line = message_line({"cmd": "did", "id": task.wid,
-                                 "err": "TypeError: result is not JSON: %s" % error})
+            return did_line(wid, b"err", "TypeError: result is not JSON: %s" % error)
         max_line = self.client.max_line
-        if line_too_long(line, max_line):
-            line = message_line({"cmd": "did", "id": task.wid, "err": (
-                "result too long: %d bytes, over max_line=%d" % (len(line) - 2, max_line))})
-        del task.conn.held[task.wid]
+        if max_line is not None and len(line) - 2 > max_line:
+            return did_line(wid, b"err", "result too long: %d bytes, over max_line=%d"
+                            % (len(line) - 2, max_line))
+        return line
+
+    def _finish(self, task, line):
+        conn = task.conn
+        if conn.held.get(task.wid) is not task:
+            return          # cancelled or taken back: the result goes nowhere
+        del conn.held[task.wid]
         self.held -= 1
-        task.conn.send(line)
-        self._adjust_throttle()
+        conn.send(line)
+        if self.shared:
+            self._adjust_throttle()
 
     def cancel(self, conn, wid):
         """The server took a job back: kill its handler, free its slot."""
@@ -1077,7 +1109,7 @@ class Client:
         self.backoff_initial = min(BACKOFF_INITIAL, backoff_max)
         self.backoff_max = backoff_max
         self.closed = False
-        self.worker = Worker(self)
+        self.worker = Worker(self, shared=len(addresses) > 1)
         self._unusable = gevent.event.Event()    # closed, or every server gave up
         self._ids = itertools.count(1)
         self._backlog = {}           # jobs waiting for a live server, in order
@@ -1124,9 +1156,10 @@ class Client:
             job = Job(fields["id"], type, fields, unique, bg, deadline)
         except TypeError as error:
             raise DeputyError("cannot send a %r job: %s" % (type, error)) from None
-        if line_too_long(job._line, self.max_line):
+        max_line = self.max_line
+        if max_line is not None and len(job._line) - 2 > max_line:
             raise DeputyError("cannot send a %r job: its line is %d bytes, over max_line=%d"
-                              % (type, len(job._line) - 2, self.max_line))
+                              % (type, len(job._line) - 2, max_line))
         job.on_progress = on_progress
         if deadline is not None:
             job._start_deadline_timer(timeout)
@@ -1164,7 +1197,8 @@ class Client:
         if job.deadline is not None and time.monotonic() >= job.deadline:
             job._fail(JobFailed("timeout", job))
             return
-        conn = self._choose(job)
+        live = self._live
+        conn = live[0] if len(live) == 1 else self._choose(job)
         if conn is not None:
             conn.submit(job)
         elif self._fatal is not None:
