@@ -59,6 +59,7 @@ YIELD_AFTER_LINES = 64                  # a TLS batch this big yields to others
 WRITE_CHUNK = 256 * 1024                # most bytes given to one send
 WRITE_PIECES = 512                      # most pieces given to one send (IOV_MAX is 1024)
 BIG_PIECE = 32 * 1024                   # payloads this big are sent as they are, not copied
+COMPACT_AFTER = 1024                    # dead entries a job queue keeps before compacting
 CLOSE_FLUSH_TIMEOUT = 5.0                # seconds to flush a goodbye before closing
 # The cyclic GC's youngest generation: collect after this many new objects,
 # not Python's 700. A client's batch creates a job and a write callback per
@@ -491,7 +492,7 @@ class JobQueue:
     def forget_one(self, live):
         """A queued job died in place; compact when the dead outnumber the live."""
         self.dead += 1
-        if self.dead > 1024 and self.dead > live:
+        if self.dead > COMPACT_AFTER and self.dead > live:
             for priority, jobs in list(self.by_priority.items()):
                 kept = deque(job for job in jobs if job.state == QUEUED)
                 if kept:
@@ -1456,11 +1457,12 @@ class Connection:
     def flush(self):
         """Runs in the hub once per loop turn: everything queued, one send."""
         self.flush_scheduled = False
-        if self.writer_owns_socket or not self.out:
+        out = self.out
+        if not out or self.writer_owns_socket:
             return
         if self.raw_send is None:
             return self.hand_to_writer()
-        while self.out:
+        while out:
             pieces, size = self.next_pieces()
             try:
                 sent = self.raw_send(pieces[0]) if len(pieces) == 1 else self.send_pieces(pieces, size)
@@ -1470,7 +1472,7 @@ class Connection:
                 return self.broken()
             self.out_bytes -= sent
             if sent < size:
-                self.out[:0] = unsent_part(pieces, sent)
+                out[:0] = unsent_part(pieces, sent)
                 return self.hand_to_writer()
         if self.peer.paused and self.out_bytes <= self.high_water // 2:
             self.resume()

@@ -1,9 +1,12 @@
 """Unit tests of the broker alone, driven through fake connections."""
+import random
+
 import gevent
 import orjson
 import pytest
 
-from deputy_server import Broker, Job, ProtocolError, parse_do
+import deputy_server
+from deputy_server import FINISHED, QUEUED, Broker, Job, JobQueue, ProtocolError, parse_do
 
 
 class FakeLink:
@@ -476,3 +479,51 @@ def test_a_queued_payload_is_copied_into_a_right_sized_object(broker):
         queued = broker.kinds["echo"].queue.by_priority[0][-1]
         assert queued is job and queued.arg_tail is not arg_json
         assert queued.arg_tail == arg_json + b"}\r\n"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_the_job_queue_gives_jobs_in_priority_then_arrival_order(seed, monkeypatch):
+    """Against a plain model: pushes at new and old priorities (also
+    after the head was looked up), jobs put back at the front, jobs dying
+    in place (and the compactions that follow), and heads taken."""
+    monkeypatch.setattr(deputy_server, "COMPACT_AFTER", 8)
+    rng = random.Random(seed)
+    queue, model = JobQueue(), []       # model: live jobs in the order due
+    made = 0
+
+    def due(job):
+        return (-job.priority, job.seq)
+
+    for _ in range(6000):
+        action = rng.random()
+        if action < 0.45:
+            made += 1
+            job = Job(made, "t", b"1")
+            job.priority, job.seq = rng.choice([0, 0, 0, 1, 5, -3, rng.randint(-50, 50)]), made
+            queue.push(job)
+            model.append(job)
+        elif action < 0.55 and model:           # a taken job returns to the front
+            job = queue.head()
+            queue.pop_head()
+            model.remove(job)
+            job.seq = -made                     # first among its priority
+            queue.push_front(job)
+            model.append(job)
+        elif action < 0.7 and model:            # cancelled while queued
+            for job in rng.sample(model, 1 if action < 0.69 else (len(model) + 1) // 2):
+                job.state = FINISHED            # now and then half at once
+                model.remove(job)
+                queue.forget_one(len(model))
+        else:
+            model.sort(key=due)
+            head = queue.head()
+            assert head is (model[0] if model else None)
+            if head is not None and rng.random() < 0.8:
+                queue.pop_head()
+                model.pop(0)
+    model.sort(key=due)
+    drained = []
+    while queue.head() is not None:
+        drained.append(queue.head())
+        queue.pop_head()
+    assert drained == model and all(job.state == QUEUED for job in drained)

@@ -1,0 +1,174 @@
+#!/usr/bin/env python3
+"""User-space instructions per job, counted by valgrind: a figure that
+does not move with the noise of a shared machine.
+
+    python3 bench/instructions.py [--side server|submitter|worker|hotpath]
+                                  [--jobs 5000] [--server FILE] [--workers 32]
+                                  [--types 1]
+
+CPU time per job on a shared 2-vCPU VM varies by +-20 % between identical
+runs, more than most single changes to the hot path are worth. Instruction
+counts are repeatable to about 0.2 %, so they can tell two versions apart.
+They leave out the kernel (about 40 % of the server's time, the same for
+any version that makes the same system calls) and cache misses, so confirm
+a change with bench/run.py before believing it.
+
+Each figure is a difference of two runs under `valgrind --tool=cachegrind`,
+one with --jobs more jobs than the other, divided by --jobs: start-up and
+imports cancel out. The side measured runs under valgrind (about 50 times
+slower), the rest at full speed:
+
+- server: deputy_server.py (or --server FILE, to compare a variant) under
+  bench/loadgen.py's small load, scaled down: --workers workers of
+  capacity 1, 4 clients pipelining, window 1000; --workers 1000 --types 100
+  for the fanin shape (--jobs at least 20000 then: the first jobs of each
+  type warm its idle list).
+- submitter / worker: one side of the client scenario (bench/clientlib.py).
+- hotpath: bench/hotpath.py's in-process drive (the server's Python only,
+  fake sockets; includes the fake load's own work).
+
+Needs valgrind (`apt-get install valgrind`).
+"""
+import argparse
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PYTHON = os.path.realpath(sys.executable)   # not a pyenv shim: valgrind must see python
+
+
+def valgrind(argv, **popen):
+    """Start argv under cachegrind; its report goes to a pipe we read at the end."""
+    return subprocess.Popen(['valgrind', '--tool=cachegrind', '--cache-sim=no',
+                             '--cachegrind-out-file=/dev/null'] + argv,
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+
+
+def instructions(proc, timeout=600):
+    """The 'I refs' total valgrind prints when proc ends."""
+    _, err = proc.communicate(timeout=timeout)
+    found = re.search(rb'I\s+refs:\s+([\d,]+)', err)
+    if not found:
+        sys.exit('valgrind printed no instruction count:\n' + err.decode(errors='replace')[-2000:])
+    return int(found.group(1).replace(b',', b''))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port, proc, limit=60.0):
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit('the server exited before listening')
+        try:
+            socket.create_connection(('127.0.0.1', port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    sys.exit('the server did not listen within %d s' % limit)
+
+
+def workers_connected(port, count, limit=120.0):
+    """Wait until the server counts `count` workers (a worker under valgrind
+    takes seconds to start)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        with socket.create_connection(('127.0.0.1', port), timeout=10) as s:
+            s.sendall(b'{"cmd":"metrics"}\r\n')
+            data = b''
+            while not data.endswith(b'\n'):
+                data += s.recv(65536)
+        if b'"workers":%d' % count in data:
+            return
+        time.sleep(0.3)
+    sys.exit('the worker did not connect within %d s' % limit)
+
+
+def start_server(script, under_valgrind):
+    port = free_port()
+    argv = [PYTHON, script, '-p', str(port)]
+    proc = valgrind(argv) if under_valgrind else subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_listening(port, proc)
+    return proc, port
+
+
+def run_server_side(opts, jobs):
+    proc, port = start_server(opts.server, under_valgrind=True)
+    subprocess.run([PYTHON, os.path.join(HERE, 'loadgen.py'), '--port', str(port),
+                    '--workers', str(opts.workers), '--types', str(opts.types), '--clients', '4',
+                    '--jobs', str(jobs // 4), '--window', '1000', '--timeout', '600'],
+                   stdout=subprocess.DEVNULL, check=True, timeout=700)
+    proc.terminate()
+    return instructions(proc)
+
+
+def run_client_side(opts, jobs):
+    server, port = start_server(opts.server, under_valgrind=False)
+    address = '127.0.0.1:%d' % port
+    clientlib = [PYTHON, os.path.join(HERE, 'clientlib.py')]
+    worker_argv = clientlib + ['worker', '--address', address]
+    submit_argv = clientlib + ['submit', '--address', address, '--jobs', str(jobs),
+                               '--timeout', '600']
+    try:
+        if opts.side == 'worker':
+            worker = valgrind(worker_argv, stdout=subprocess.DEVNULL)
+            workers_connected(port, 1)
+            subprocess.run(submit_argv, stdout=subprocess.DEVNULL, check=True, timeout=700)
+            worker.terminate()
+            return instructions(worker)
+        worker = subprocess.Popen(worker_argv, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+        try:
+            workers_connected(port, 1)
+            return instructions(valgrind(submit_argv, stdout=subprocess.DEVNULL))
+        finally:
+            worker.terminate()
+            worker.wait()
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def run_hotpath(opts, jobs):
+    code = ('import sys; sys.path.insert(0, %r); import hotpath; '
+            'hotpath.drive(%d, %d, 1000, 20, 1)' % (HERE, jobs, opts.workers))
+    return instructions(valgrind([PYTHON, '-c', code], stdout=subprocess.DEVNULL))
+
+
+SIDES = {'server': run_server_side, 'submitter': run_client_side,
+         'worker': run_client_side, 'hotpath': run_hotpath}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--side', choices=sorted(SIDES), default='server')
+    parser.add_argument('--jobs', type=int, default=5000,
+                        help='the difference in jobs between the two runs')
+    parser.add_argument('--server', default=os.path.join(ROOT, 'deputy_server.py'))
+    parser.add_argument('--workers', type=int, default=32)
+    parser.add_argument('--types', type=int, default=1,
+                        help='(server) worker i does type i %% T, job n has type n %% T')
+    opts = parser.parse_args()
+    if not shutil.which('valgrind'):
+        sys.exit('needs valgrind: apt-get install valgrind')
+    run = SIDES[opts.side]
+    base = 2000
+    fewer = run(opts, base)
+    more = run(opts, base + opts.jobs)
+    print('%s: %.0f instructions per job (user space; %d - %d jobs)' % (
+        opts.side, (more - fewer) / opts.jobs, base + opts.jobs, base))
+
+
+if __name__ == '__main__':
+    main()
