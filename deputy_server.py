@@ -747,9 +747,9 @@ class Broker:
         c = self.counters
         c.jobs_added += 1
         if job.unique is not None:
-            running = self.unique.get((kind.name, job.unique))
-            if running is not None:
-                return self.join(running, peer, job)
+            existing = self.unique.get((kind.name, job.unique))
+            if existing is not None:
+                return self.join(existing, peer, job)
             self.unique[(kind.name, job.unique)] = job
         job.kind = kind
         if job.ttr is None:
@@ -920,7 +920,7 @@ class Broker:
         owner = job.owner
         if owner is not None:
             sub_id = job.owner_id
-            del owner.jobs[sub_id]
+            del owner.jobs[sub_id]          # answered(), inline: once per job
             if owner.deadlines:
                 self.stop_deadline(owner, sub_id)
             if len(value_json) >= BIG_PIECE:    # a big payload goes out as it is, not copied
@@ -1076,6 +1076,7 @@ class Broker:
             self.drained.set()
 
     def job_totals(self):
+        """Jobs done, failed, queued and running, over every type."""
         totals = dict.fromkeys(("jobs_done", "jobs_failed", "jobs_queued", "jobs_running"), 0)
         for kind in self.kinds.values():
             totals["jobs_done"] += kind.done
