@@ -965,22 +965,25 @@ class Worker:
         try:
             result = task.handler(task.arg)
         except JobFailed as error:
-            self._finish(task, did_line(task.wid, b"err", str(error.error)))
+            self._finish(task, self._did_line(task.wid, b"err", str(error.error)))
         except BaseException as error:
             if isinstance(error, JobCancelled) and not task.is_held():
                 return      # the usual way a job taken back ends
             text = "%s: %s" % (type(error).__name__, error) if str(error) else type(error).__name__
             log.info("job %s failed: %s", task.wid, text, exc_info=log.isEnabledFor(logging.DEBUG))
-            self._finish(task, did_line(task.wid, b"err", text))
+            self._finish(task, self._did_line(task.wid, b"err", text))
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
         else:
-            self._finish(task, self._result_line(task.wid, result))
+            self._finish(task, self._did_line(task.wid, b"res", result))
 
-    def _result_line(self, wid, result):
-        """The did line of a result, or of why it cannot be sent."""
+    def _did_line(self, wid, field, value):
+        """The did line of a result (field b"res") or of an error text
+        (b"err"), or of why it cannot be sent: not JSON (an error text with
+        a lone surrogate, say), or longer than the server takes (it would
+        hang up on this worker, and the job would go round again)."""
         try:
-            line = did_line(wid, b"res", result)
+            line = did_line(wid, field, value)
         except TypeError as error:
             return did_line(wid, b"err", "TypeError: result is not JSON: %s" % error)
         max_line = self.client.max_line

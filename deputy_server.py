@@ -646,16 +646,20 @@ class Broker:
         """peer may have free slots: fill them from its queues, oldest
         (highest priority) job first across its types, then park it."""
         held, capacity = peer.held, peer.capacity
+        given = False
         while len(held) < capacity and not self.draining and not peer.paused:
             job = self.best_job_for(peer)
             if job is None:
                 break
             job.kind.queue.pop_head()
             self.assign(job, peer)
+            given = True
         if len(held) < capacity and not peer.paused and not peer.closed:     # a free slot
             for kind in peer.kinds:
                 if peer not in kind.idle:
                     kind.idle[peer] = None
+                elif given:         # it just got work: to the back of the line
+                    kind.idle.move_to_end(peer)
         else:                       # full, e.g. after its capacity was lowered
             for kind in peer.kinds:
                 kind.idle.pop(peer, None)

@@ -527,3 +527,17 @@ def test_the_job_queue_gives_jobs_in_priority_then_arrival_order(seed, monkeypat
         drained.append(queue.head())
         queue.pop_head()
     assert drained == model and all(job.state == QUEUED for job in drained)
+
+
+def test_a_worker_given_queued_work_goes_to_the_back_of_the_idle_line(broker):
+    """SPEC 2.2, longest-waiting worker first: a worker idle on one type
+    that takes a queued job of a type it just added has not waited longest
+    any more."""
+    first, first_link = worker(broker, ("A",), capacity=2)
+    second, second_link = worker(broker, ("A",), capacity=2)
+    client, _ = peer(broker)
+    broker.submit(client, sub(1, type="B"))
+    broker.can_do(first, ["B"])
+    assert [do["type"] for do in first_link.take()] == ["B"]
+    broker.submit(client, sub(2, type="A", arg="second job"))
+    assert first_link.take() == [] and [do["arg"] for do in second_link.take()] == ["second job"]

@@ -201,6 +201,40 @@ def test_a_result_longer_than_max_line_fails_the_job(shared_server, clients):
     assert submitter.call(t, 10, timeout=WAIT) == "y" * 10
 
 
+def test_an_error_text_longer_than_the_servers_max_line_fails_the_job_once(start_server, clients):
+    # Sent as it is, the server would hang up on the worker and hand the
+    # job out again, until "its worker was lost N times".
+    server = start_server("--max-line", "1000")
+    t = job_type()
+
+    def fail_loudly(arg):
+        raise ValueError("x" * 5000)
+
+    worker = clients(server.address, max_line=1000)
+    worker.can_do({t: fail_loudly, t + "-ok": lambda arg: arg})
+    submitter = clients(server.address, max_line=1000)
+    with pytest.raises(JobFailed, match="^result too long: .* over max_line=1000"):
+        submitter.call(t, 1, timeout=WAIT)
+    assert submitter.call(t + "-ok", 2, timeout=WAIT) == 2
+    assert submitter.metrics()["jobs_reassigned"] == 0
+
+
+def test_an_error_text_json_cannot_carry_fails_the_job_and_the_worker_goes_on(
+        shared_server, clients):
+    t = job_type()
+
+    def fail_oddly(arg):
+        raise ValueError("file name \udcff")      # a lone surrogate: not UTF-8
+
+    worker = clients(shared_server.address)
+    worker.can_do({t: fail_oddly, t + "-ok": lambda arg: arg}, capacity=1)
+    submitter = clients(shared_server.address)
+    for _ in range(3):          # with capacity 1, a lost slot would hang the next job
+        with pytest.raises(JobFailed, match="^TypeError: result is not JSON: "):
+            submitter.call(t, 1, timeout=WAIT)
+    assert submitter.call(t + "-ok", 2, timeout=WAIT) == 2
+
+
 def test_a_job_the_server_refuses_fails_with_the_servers_error(shared_server, clients):
     submitter = clients(shared_server.address)
     job = submitter.do(12345, "a type must be a string")
