@@ -333,7 +333,7 @@ class Connection:
     def submit(self, job):
         self.pending[job.id] = job
         job._conn = self
-        self.send(job._line if job._fields is None else job._encoded())
+        self.send(job._encoded())
 
     def _write_loop(self, sock):
         wake = self._wake
@@ -344,7 +344,7 @@ class Connection:
                 out = self._out
                 if out:
                     self._out = []
-                    send_all(sock, out[0] if len(out) == 1 else b"".join(out))
+                    send_all(sock, b"".join(out))
                 if self._closing and not self._out:
                     return
         except OSError as error:
@@ -934,7 +934,7 @@ class Worker:
             finally:
                 slot.deputy_task = None
                 self.running -= 1
-            task = self._next_deferred() if self.deferred else None
+            task = self._next_deferred()
             if task is None:
                 if self.client.closed or len(self.idle_slots) >= self.capacity:
                     return
@@ -987,7 +987,7 @@ class Worker:
         except TypeError as error:
             return did_line(wid, b"err", "TypeError: result is not JSON: %s" % error)
         max_line = self.client.max_line
-        if max_line is not None and len(line) - 2 > max_line:
+        if line_too_long(line, max_line):
             return did_line(wid, b"err", "result too long: %d bytes, over max_line=%d"
                             % (len(line) - 2, max_line))
         return line
@@ -1159,10 +1159,9 @@ class Client:
             job = Job(fields["id"], type, fields, unique, bg, deadline)
         except TypeError as error:
             raise DeputyError("cannot send a %r job: %s" % (type, error)) from None
-        max_line = self.max_line
-        if max_line is not None and len(job._line) - 2 > max_line:
+        if line_too_long(job._line, self.max_line):
             raise DeputyError("cannot send a %r job: its line is %d bytes, over max_line=%d"
-                              % (type, len(job._line) - 2, max_line))
+                              % (type, len(job._line) - 2, self.max_line))
         job.on_progress = on_progress
         if deadline is not None:
             job._start_deadline_timer(timeout)
@@ -1200,8 +1199,7 @@ class Client:
         if job.deadline is not None and time.monotonic() >= job.deadline:
             job._fail(JobFailed("timeout", job))
             return
-        live = self._live
-        conn = live[0] if len(live) == 1 else self._choose(job)
+        conn = self._choose(job)
         if conn is not None:
             conn.submit(job)
         elif self._fatal is not None:

@@ -919,14 +919,11 @@ class Broker:
 
     def deliver(self, job, field, value_json):
         """Send every waiting submitter its `did`, under its own id."""
-        if job.unique is not None or job.bg_deadlines:
-            self.forget(job)
+        self.forget(job)
         owner = job.owner
         if owner is not None:
             sub_id = job.owner_id
-            del owner.jobs[sub_id]          # answered(), inline: once per job
-            if owner.deadlines:
-                self.stop_deadline(owner, sub_id)
+            self.answered(owner, sub_id)
             if len(value_json) >= BIG_PIECE:    # a big payload goes out as it is, not copied
                 owner.link.send_many((reply_prefix(sub_id) + field, value_json, b"}\r\n"))
             elif type(sub_id) is int:
@@ -1124,7 +1121,9 @@ class Connection:
 
     Writes: send() only appends to a list. Once per turn of the event loop a
     hub callback hands everything queued to the kernel in one non-blocking
-    send, without a greenlet switch; only when the kernel's buffer is full
+    send, without a greenlet switch (the replies to a batch the connection
+    read itself go out at the end of that batch, the same way); only when
+    the kernel's buffer is full
     does the writer greenlet take over and wait for the socket (TLS sockets
     always use the writer greenlet)."""
 
@@ -1470,7 +1469,7 @@ class Connection:
         while out:
             pieces, size = self.next_pieces()
             try:
-                sent = self.raw_send(pieces[0]) if len(pieces) == 1 else self.send_pieces(pieces, size)
+                sent = self.send_pieces(pieces, size)
             except BlockingIOError:
                 sent = 0
             except OSError:

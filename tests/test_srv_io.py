@@ -114,6 +114,23 @@ def test_small_pieces_are_joined_into_one_send(pair):
     assert read_exactly(theirs, calls[0]).count(b"\n") == 50
 
 
+def test_the_replies_to_a_batch_go_out_in_one_send_at_its_end(pair):
+    """No flush callback of their own: a worker's next job leaves in the
+    same turn of the loop as the answer that freed it."""
+    conn, theirs = pair
+    sends, callbacks = [], []
+    raw_send = conn.raw_send
+    conn.raw_send = lambda data: sends.append(len(data)) or raw_send(data)
+    conn.run_callback = lambda *args: callbacks.append(args)
+    theirs.sendall(b"".join(b'{"cmd":"do","id":%d,"type":"t","bg":true}\r\n' % n
+                            for n in range(20)))
+    gevent.sleep(0.01)
+    conn.on_readable()
+    assert len(sends) == 1 and callbacks == []
+    replies = read_exactly(theirs, sends[0])
+    assert replies == b"".join(b'{"cmd":"queued","id":%d}\r\n' % n for n in range(20))
+
+
 def test_a_backlog_bigger_than_the_socket_buffer_arrives_whole_and_in_order(pair):
     """Partial sends, the writer greenlet, sendmsg and joined sends together:
     every byte arrives once, in order."""
