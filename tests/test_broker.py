@@ -6,7 +6,8 @@ import orjson
 import pytest
 
 import deputy_server
-from deputy_server import FINISHED, QUEUED, Broker, Job, JobQueue, ProtocolError, parse_do
+from deputy_server import (
+    FINISHED, QUEUED, Broker, Job, JobQueue, ProtocolError, parse_did, parse_do)
 
 
 class FakeLink:
@@ -479,6 +480,27 @@ def test_a_queued_payload_is_copied_into_a_right_sized_object(broker):
         queued = broker.kinds["echo"].queue.by_priority[0][-1]
         assert queued is job and queued.arg_tail is not arg_json
         assert queued.arg_tail == arg_json + b"}\r\n"
+
+
+def test_a_big_string_sliced_out_of_its_line_is_queued_and_delivered_as_sent(broker):
+    """string_as_sent hands the broker views of the lines: a queued arg is
+    copied out of its line once (the line is not kept), and a result goes
+    to the submitter as the view itself, not a copy."""
+    client, cl = peer(broker)
+    body = b'"' + b"q" * 100000 + b'\\u00e9"'
+    line = b'{"cmd":"do","id":7,"type":"echo","arg":%b}' % body
+    job = parse_do(orjson.loads(line), line)
+    assert type(job.arg_tail) is bytes and job.arg_tail == body + b"}\r\n"
+    broker.submit(client, job)
+    w, wl = worker(broker)
+    [do] = wl.take()
+    assert do["arg"] == "q" * 100000 + "\u00e9"
+    did_line = b'{"cmd":"did","id":%d,"res":%b}\r' % (do["id"], body)
+    wid, res_json, err = parse_did(orjson.loads(did_line), did_line)
+    assert type(res_json) is memoryview and bytes(res_json) == body
+    broker.did(w, wid, res_json, err)
+    assert any(piece is res_json for piece in cl.pieces[-1])
+    assert cl.take() == [{"cmd": "did", "id": 7, "res": "q" * 100000 + "\u00e9"}]
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -278,3 +278,80 @@ def test_fuzz_server_survives_half_open_sockets(fuzz_server):
         sock.shutdown(socket.SHUT_WR)
         sock.close()
     assert_healthy(fuzz_server)
+
+
+# -- string_as_sent: a big string sliced out of its line, never a different value
+
+def spelled(text, draw):
+    """text as a JSON string token, each character spelled raw or escaped
+    at random (quotes and backslashes always escaped, one way or another)."""
+    out = []
+    for char in text:
+        code = ord(char)
+        way = draw(st.integers(0, 2))
+        if char in '"\\' or code < 0x20 or 0xd800 <= code < 0xe000 or way == 0:
+            if code > 0xffff:
+                high, low = divmod(code - 0x10000, 0x400)
+                out.append("\\u%04x\\u%04x" % (0xd800 + high, 0xdc00 + low))
+            elif char in '"\\' and way == 1:
+                out.append("\\" + char)
+            else:
+                out.append("\\u%04x" % code)
+        else:
+            out.append(char)
+    return ('"' + "".join(out) + '"').encode()
+
+
+tricky_text = st.text(alphabet=st.sampled_from('ab"\\,:{}[] é😀\n') | st.characters(codec="utf-8"),
+                      max_size=12)
+members = st.lists(st.tuples(st.sampled_from(["cmd", "id", "arg", "x", "arg\\u0000"]),
+                             json_values | tricky_text), max_size=3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_a_string_sliced_out_of_its_line_is_the_value_orjson_reads(data):
+    from deputy_server import string_as_sent
+    draw = data.draw
+    before = [b'"cmd":"do"'] + [b'"%s":%s' % (k.encode(), orjson.dumps(v)) for k, v in draw(members)]
+    after = [b'"%s":%s' % (k.encode(), orjson.dumps(v)) for k, v in draw(members)]
+    if draw(st.integers(0, 2)):         # mostly the shape clients send: arg last
+        after = []
+    text = draw(tricky_text)
+    value = spelled(text, draw) if draw(st.integers(0, 3)) else orjson.dumps(draw(json_values))
+    nested = draw(st.integers(0, 3)) == 0
+    member = b'"arg":' + value
+    if nested:                          # the same key one level down
+        member = b'"y":{"arg":' + value + b"}"
+    line = b"{" + b",".join(before + [member] + after) + b"}" + draw(st.sampled_from([b"", b"\r"]))
+    try:
+        msg = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return
+    got = string_as_sent(line, "arg")
+    if got is not None:
+        assert type(msg.get("arg")) is str
+        assert orjson.loads(bytes(got)) == msg["arg"]
+        assert line.rstrip(b"\r").endswith(b'"arg":' + bytes(got) + b"}")
+    elif not after and not nested and line.count(b'"arg":') == 1 and b'\\"' not in value \
+            and value.startswith(b'"') and not value.endswith(b'\\"'):
+        pytest.fail("the shape clients send was not sliced: %r" % line)
+
+
+def test_a_string_is_sliced_only_when_its_end_is_certain():
+    from deputy_server import string_as_sent
+    ok = b'{"cmd":"do","id":1,"type":"t","arg":"ab\\u00e9\\n"}'
+    assert bytes(string_as_sent(ok, "arg")) == b'"ab\\u00e9\\n"'
+    assert bytes(string_as_sent(ok + b"\r", "arg")) == b'"ab\\u00e9\\n"'
+    assert bytes(string_as_sent(b'{"cmd":"did","id":1,"res":"r"}', "res")) == b'"r"'
+    for line in [
+        b'{"cmd":"do","arg":"a\\"b"}',              # an escaped quote inside
+        b'{"cmd":"do","arg":"a\\\\"}',              # ends in an escaped backslash
+        b'{"cmd":"do","arg":"a","x":"b"}',          # not the last member
+        b'{"cmd":"do","y":{"arg":"a"}}',            # not top-level
+        b'{"cmd":"do","arg": "a"}',                 # spacing
+        b'{"cmd":"do","arg":"a"} ',                 # trailing space
+        b'{"cmd":"do","arg":["a"]}',                # not a string
+        b'{"arg":"a"}',                             # the first member
+    ]:
+        assert string_as_sent(line, "arg") is None, line

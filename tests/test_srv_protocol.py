@@ -831,3 +831,62 @@ def test_zero_and_the_smallest_double_still_pass(conn, shared, raw):
     assert job["arg"] == orjson.loads(raw)
     worker.send({"cmd": "did", "id": job["id"], "res": None})
     client.expect("did", id="z")
+
+
+BIG_BODIES = [
+    b"caf\\u00e9 \\n\\/ \xc3\xa9\xf0\x9f\x98\x80 " + b"x" * 70000,     # escapes, UTF-8
+    # Re-encoded instead (where the string ends is a parser's question);
+    # \u0041 shows it, as orjson spells it A.
+    b"\\u0041" + b"x" * 70000 + b"\\\\",    # ends in an escaped backslash
+    b"\\\"quoted\\\" \\u0041" + b"y" * 70000,   # escaped quotes
+]
+
+
+@pytest.mark.parametrize("body", BIG_BODIES, ids=["escapes", "backslash-end", "quotes"])
+def test_a_big_string_is_the_same_value_on_the_other_side(conn, shared, body):
+    """Big string payloads, which Deputy slices out of the line rather than
+    re-encoding when it can: escapes and all, the worker gets the arg and
+    the submitter the res as the same JSON value; without quotes inside,
+    as the very bytes that were sent."""
+    t = fresh_type()
+    w = worker(shared, t)
+    s = conn()
+    value = orjson.loads(b'"' + body + b'"')
+    verbatim = body.startswith(b"caf")
+    try:
+        s.send_raw(b'{"cmd":"do","id":1,"type":%b,"arg":"%b"}\r\n' % (orjson.dumps(t), body))
+        line = w.recv_line()
+        assert orjson.loads(line)["arg"] == value
+        assert line.endswith(b',"arg":"' + body + b'"}\r') == verbatim
+        w.send_raw(b'{"cmd":"did","id":%d,"res":"%b"}\n' % (orjson.loads(line)["id"], body))
+        line = s.recv_line()
+        assert orjson.loads(line) == {"cmd": "did", "id": 1, "res": value}
+        assert line.endswith(b',"res":"' + body + b'"}\r') == verbatim
+    finally:
+        w.close()
+
+
+def test_a_big_string_in_another_shape_is_the_same_value_on_the_other_side(conn, shared):
+    """arg before the other fields, spacing, a duplicate key: the slow way,
+    the same value (orjson keeps the last of duplicate keys)."""
+    t = fresh_type()
+    w = worker(shared, t, capacity=3)
+    s = conn()
+    big = "z" * 70000
+    lines = [
+        b'{"arg":"%b","cmd":"do","id":1,"type":%b}\n',
+        b'{"cmd":"do","id":2,"type":%%b, "arg": "%b" }\n',
+        b'{"cmd":"do","id":3,"type":%%b,"arg":"no","arg":"%b"}\n',
+    ]
+    try:
+        s.send_raw(lines[0] % (big.encode(), orjson.dumps(t)))
+        for raw in lines[1:]:
+            s.send_raw(raw % big.encode() % orjson.dumps(t))
+        for _ in lines:
+            job = take_job(w, t)
+            assert job["arg"] == big
+            w.send(did(job["id"], res=job["arg"]))
+        for i in (1, 2, 3):
+            assert s.expect("did", id=i)["res"] == big
+    finally:
+        w.close()
