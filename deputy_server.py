@@ -251,11 +251,13 @@ def encode_payload(msg, field, line, default=None):
     """The JSON bytes of msg[field], exactly as received, or ProtocolError."""
     value = msg.get(field, default)
     kind = type(value)
+    if kind is str:
+        if len(value) < BIG_PIECE:
+            return dumps(value)
+        return string_as_sent(line, field) or dumps(value)
     if kind is int:             # cheaper than orjson, which allocates 4 KiB a call
         return b"%d" % value
     if kind in SCALARS:
-        if kind is str and len(value) >= BIG_PIECE:
-            return string_as_sent(line, field) or dumps(value)
         return dumps(value)
     if may_hold_inexact_number(value) and has_inexact_number(line):
         raise ProtocolError("%s holds a number Deputy cannot carry exactly (an integer "
