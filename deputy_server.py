@@ -280,8 +280,11 @@ def string_as_sent(line, field):
     a backslash is always a delimiter. So with no quote between the two
     ends, the slice is one string token; the `}` after it, the line's last
     byte, closes the message, so the key before it is top-level and this
-    is its last value (the one orjson keeps). An escaped quote anywhere
-    makes it None: where the string ends is then a question for a parser."""
+    is its last value (the one orjson keeps). None, to be safe, when the
+    string holds a quote or ends in a backslash (where it ends is then a
+    question for a parser), and when it is under half the line: a view
+    keeps its whole line alive, and output is counted by what it shows
+    (a paused reader's backlog must not hold more than the count says)."""
     start = line.find(b',"%b":"' % field.encode())
     if start < 0:
         return None
@@ -289,6 +292,8 @@ def string_as_sent(line, field):
     end = len(line) - (line[-1] == 13)  # without the CR of CR LF
     if line[end - 1] != 125 or line.find(b'"', start + 1) != end - 2 or line[end - 3] == 92:
         return None                     # not `"}` at the end, or an inner quote
+    if 2 * (end - start) < len(line):
+        return None
     return memoryview(line)[start:end - 1]
 
 

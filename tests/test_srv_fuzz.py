@@ -333,25 +333,36 @@ def test_a_string_sliced_out_of_its_line_is_the_value_orjson_reads(data):
         assert type(msg.get("arg")) is str
         assert orjson.loads(bytes(got)) == msg["arg"]
         assert line.rstrip(b"\r").endswith(b'"arg":' + bytes(got) + b"}")
-    elif not after and not nested and line.count(b'"arg":') == 1 and b'\\"' not in value \
+    elif not after and not nested and line.count(b'"arg":') == 1 and 2 * len(value) > len(line) and b'\\"' not in value \
             and value.startswith(b'"') and not value.endswith(b'\\"'):
         pytest.fail("the shape clients send was not sliced: %r" % line)
 
 
 def test_a_string_is_sliced_only_when_its_end_is_certain():
     from deputy_server import string_as_sent
-    ok = b'{"cmd":"do","id":1,"type":"t","arg":"ab\\u00e9\\n"}'
-    assert bytes(string_as_sent(ok, "arg")) == b'"ab\\u00e9\\n"'
-    assert bytes(string_as_sent(ok + b"\r", "arg")) == b'"ab\\u00e9\\n"'
-    assert bytes(string_as_sent(b'{"cmd":"did","id":1,"res":"r"}', "res")) == b'"r"'
+    body = b'ab\\u00e9\\n' + b"x" * 50
+    ok = b'{"cmd":"do","id":1,"type":"t","arg":"%b"}' % body
+    assert bytes(string_as_sent(ok, "arg")) == b'"%b"' % body
+    assert bytes(string_as_sent(ok + b"\r", "arg")) == b'"%b"' % body
+    res = b'{"cmd":"did","id":1,"res":"%b"}' % body
+    assert bytes(string_as_sent(res, "res")) == b'"%b"' % body
+    # Duplicate keys: the last value, the one orjson keeps (the slice relies on it).
+    dup = b'{"arg":"A","cmd":"do","id":1,"type":"t","arg":"%b"}' % (b"B" * 100)
+    assert orjson.loads(dup)["arg"] == "B" * 100
+    assert bytes(string_as_sent(dup, "arg")) == b'"%b"' % (b"B" * 100)
+    # Under half the line: a view would keep the rest alive, uncounted.
+    padded = b'{"cmd":"did","id":1,"pad":"%b","res":"r"}' % (b"p" * 100)
+    assert string_as_sent(padded, "res") is None
+    a = b"a" * 100                  # most of the line, as it must be
     for line in [
-        b'{"cmd":"do","arg":"a\\"b"}',              # an escaped quote inside
-        b'{"cmd":"do","arg":"a\\\\"}',              # ends in an escaped backslash
-        b'{"cmd":"do","arg":"a","x":"b"}',          # not the last member
-        b'{"cmd":"do","y":{"arg":"a"}}',            # not top-level
-        b'{"cmd":"do","arg": "a"}',                 # spacing
-        b'{"cmd":"do","arg":"a"} ',                 # trailing space
-        b'{"cmd":"do","arg":["a"]}',                # not a string
-        b'{"arg":"a"}',                             # the first member
+        b'{"cmd":"do","arg":"%b\\"b"}' % a,       # an escaped quote inside
+        b'{"cmd":"do","arg":"%b\\\\"}' % a,     # ends in an escaped backslash
+        b'{"cmd":"do","arg":"%b","x":"b"}' % a,   # not the last member
+        b'{"cmd":"do","y":{"x":1,"arg":"%b"}}' % a,   # not top-level
+        b'{"cmd":"do","arg": "%b"}' % a,          # spacing
+        b'{"cmd":"do","arg":"%b"} ' % a,          # trailing space
+        b'{"cmd":"do","arg":["%b"]}' % a,         # not a string
+        b'{"arg":"%b"}' % a,                      # the first member
     ]:
+        orjson.loads(line)
         assert string_as_sent(line, "arg") is None, line

@@ -685,7 +685,8 @@ def test_progress_reaches_the_submitter(server, connect):
     s = connect()
     s.send(do("p", "t", "x"))
     j = take_job(w, "t")
-    payloads = [0, 0.5, {"pct": 99, "msg": "é😀"}, [2 ** 64 - 1, -0.0], None, "done soon"]
+    payloads = [0, 0.5, {"pct": 99, "msg": "é😀"}, [2 ** 64 - 1, -0.0], None, "done soon",
+                "big: " + "z" * 40000]     # passed on as sent (string_as_sent)
     for data in payloads:
         w.send(progress(j["id"], data))
     for data in payloads:
