@@ -4,7 +4,7 @@ does not move with the noise of a shared machine.
 
     python3 bench/instructions.py [--side server|submitter|worker|hotpath]
                                   [--jobs 5000] [--server FILE] [--workers 32]
-                                  [--types 1]
+                                  [--types 1] [--arg-size 20] [--window 1000]
 
 CPU time per job on a shared 2-vCPU VM varies by +-20 % between identical
 runs, more than most single changes to the hot path are worth. Instruction
@@ -22,7 +22,8 @@ slower), the rest at full speed:
   bench/loadgen.py's small load, scaled down: --workers workers of
   capacity 1, 4 clients pipelining, window 1000; --workers 1000 --types 100
   for the fanin shape (--jobs at least 20000 then: the first jobs of each
-  type warm its idle list).
+  type warm its idle list); --workers 8 --arg-size 65536 --window 100
+  for the 64 KiB shape.
 - submitter / worker: one side of the client scenario (bench/clientlib.py).
 - hotpath: bench/hotpath.py's in-process drive (the server's Python only,
   fake sockets; includes the fake load's own work).
@@ -107,7 +108,8 @@ def run_server_side(opts, jobs):
     proc, port = start_server(opts.server, under_valgrind=True)
     subprocess.run([PYTHON, os.path.join(HERE, 'loadgen.py'), '--port', str(port),
                     '--workers', str(opts.workers), '--types', str(opts.types), '--clients', '4',
-                    '--jobs', str(jobs // 4), '--window', '1000', '--timeout', '600'],
+                    '--jobs', str(jobs // 4), '--window', str(opts.window),
+                    '--arg-size', str(opts.arg_size), '--timeout', '600'],
                    stdout=subprocess.DEVNULL, check=True, timeout=700)
     proc.terminate()
     return instructions(proc)
@@ -159,6 +161,9 @@ def main():
     parser.add_argument('--workers', type=int, default=32)
     parser.add_argument('--types', type=int, default=1,
                         help='(server) worker i does type i %% T, job n has type n %% T')
+    parser.add_argument('--arg-size', type=int, default=20, help='(server) bytes of each arg')
+    parser.add_argument('--window', type=int, default=1000,
+                        help='(server) unanswered jobs per client at most')
     opts = parser.parse_args()
     if not shutil.which('valgrind'):
         sys.exit('needs valgrind: apt-get install valgrind')
