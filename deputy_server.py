@@ -424,10 +424,10 @@ class Job:
         # output into a right-sized object: orjson.dumps returns bytes that
         # keep a 4 KiB buffer each, and keeping its big outputs queued made
         # the 64 KiB bench's peak RSS 45 -> 60-76 MiB.
-        # A big string arrives as a view of its line (string_as_sent): the
-        # same one copy, out of the line.
-        self.arg_tail = (arg_json + b"}\r\n" if type(arg_json) is bytes
-                         else b"".join((arg_json, b"}\r\n")))
+        try:
+            self.arg_tail = arg_json + b"}\r\n"
+        except TypeError:   # a big string, a view of its line (string_as_sent)
+            self.arg_tail = b"".join((arg_json, b"}\r\n"))
         self.priority = 0
         self.owner = None
         self.owner_id = id
