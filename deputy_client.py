@@ -886,7 +886,7 @@ class Worker:
 
     def connection_up(self, conn):
         if self.handlers:
-            if self.held >= self.capacity and len(self.client.connections) > 1:
+            if self.held >= self.capacity and self.shared:
                 conn.throttled = True
             conn.say_can_do(list(self.handlers), self.capacity)
 
@@ -993,13 +993,12 @@ class Worker:
         return line
 
     def _finish(self, task, line):
-        conn = task.conn
-        if conn.held.get(task.wid) is not task:
+        if not task.is_held():
             return          # cancelled or taken back: the result goes nowhere
-        del conn.held[task.wid]
+        del task.conn.held[task.wid]
         self.held -= 1
-        conn.send(line)
-        if self.shared:
+        task.conn.send(line)
+        if self.shared:     # (the same test _adjust_throttle makes: a call fewer per job)
             self._adjust_throttle()
 
     def cancel(self, conn, wid):
@@ -1046,9 +1045,9 @@ class Worker:
     # -- sharing capacity over several servers ------------------------------
 
     def _adjust_throttle(self):
-        connections = self.client.connections
-        if len(connections) < 2 or not self.handlers:
+        if not self.shared or not self.handlers:
             return
+        connections = self.client.connections
         types = list(self.handlers)
         if self.held >= self.capacity:
             for conn in connections:

@@ -89,6 +89,33 @@ def test_worker_capacity_is_shared_across_servers(three_servers, clients):
     assert [watch.peak for watch in watches] == [3, 3]
 
 
+def test_a_full_worker_tells_every_server_cant_do_until_a_slot_frees(three_servers, clients):
+    """Capacity shared over servers: while its one slot is busy the worker
+    is nobody's idle worker (no job offered only to be given back), and
+    says can_do again once the slot frees."""
+    t = job_type()
+    worker = all_live(clients(addresses(three_servers)))
+    started, gate = gevent.event.Event(), gevent.event.Event()
+
+    def gated(arg):
+        started.set()
+        gate.wait(WAIT)
+        return arg
+    worker.can_do({t: gated}, capacity=1)
+
+    def workers_per_server():
+        servers = worker.metrics()["servers"].values()
+        return [server["types"].get(t, {}).get("workers", 0) for server in servers]
+    wait_until(lambda: workers_per_server() == [1, 1, 1], what="can_do on every server")
+    submitter = all_live(clients(addresses(three_servers)))
+    job = submitter.do(t, "x")
+    assert started.wait(WAIT)
+    wait_until(lambda: workers_per_server() == [0, 0, 0], what="cant_do on every server")
+    gate.set()
+    assert job.get(WAIT) == "x"
+    wait_until(lambda: workers_per_server() == [1, 1, 1], what="can_do again")
+
+
 def test_a_lost_server_jobs_go_to_the_others_and_it_takes_jobs_again_when_back(
         three_servers, clients, start_server):
     t = job_type()
