@@ -747,7 +747,7 @@ class Broker:
         if len(job.arg_tail) < BIG_PIECE:
             peer.link.send(b'{"cmd":"do","id":%d%b%b' % (wid, kind.do_prefix, job.arg_tail))
         else:                       # a big payload goes out as it is, not copied again
-            peer.link.send_many((b'{"cmd":"do","id":%d%s' % (wid, kind.do_prefix), job.arg_tail))
+            peer.link.send_many((b'{"cmd":"do","id":%d%b' % (wid, kind.do_prefix), job.arg_tail))
 
     def assign_idle(self, job, peer):
         """assign() to a worker from an idle list: full, it leaves the

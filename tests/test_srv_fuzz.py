@@ -1,6 +1,8 @@
 """Property-based fuzzing of a real server process (SPEC sections 1, 2.7
 and 5): random bytes and random JSON messages, valid and invalid shapes of
-every command, then a normal round trip must still work."""
+every command, then a normal round trip must still work. And, in process,
+of string_as_sent: a payload passed on as sent is the value orjson read
+(SPEC 1: the server never alters a payload)."""
 import socket
 import time
 
@@ -9,6 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from deputy_server import string_as_sent
 from rawhelpers import (
     ServerProcess, did, do, line, roundtrip_ok, sync, sync_quiet, take_job,
     wait_metrics, worker)
@@ -311,7 +314,6 @@ members = st.lists(st.tuples(st.sampled_from(["cmd", "id", "arg", "x", "arg\\u00
 @settings(max_examples=200, deadline=None)
 @given(st.data())
 def test_a_string_sliced_out_of_its_line_is_the_value_orjson_reads(data):
-    from deputy_server import string_as_sent
     draw = data.draw
     before = [b'"cmd":"do"'] + [b'"%s":%s' % (k.encode(), orjson.dumps(v)) for k, v in draw(members)]
     after = [b'"%s":%s' % (k.encode(), orjson.dumps(v)) for k, v in draw(members)]
@@ -339,7 +341,6 @@ def test_a_string_sliced_out_of_its_line_is_the_value_orjson_reads(data):
 
 
 def test_a_string_is_sliced_only_when_its_end_is_certain():
-    from deputy_server import string_as_sent
     body = b'ab\\u00e9\\n' + b"x" * 50
     ok = b'{"cmd":"do","id":1,"type":"t","arg":"%b"}' % body
     assert bytes(string_as_sent(ok, "arg")) == b'"%b"' % body
