@@ -366,7 +366,12 @@ def parse_do(msg, line):
     job_type = msg.get("type")
     if type(job_type) is not str or not job_type:
         field_type(msg, id)             # raises
-    job = Job(id, job_type, encode_payload(msg, "arg", line))
+    arg = msg.get("arg")
+    if type(arg) is str and len(arg) < BIG_PIECE:     # the usual arg, without a call
+        arg_json = dumps(arg)
+    else:
+        arg_json = encode_payload(msg, "arg", line)
+    job = Job(id, job_type, arg_json)
     if len(msg) == 3 + ("arg" in msg):     # cmd, id, type[, arg]: no options
         return job
     job.priority = field_optional(msg, "priority", int, 0, id)
@@ -394,6 +399,9 @@ def parse_did(msg, line):
         return wid, None, err
     if not has_res:
         raise ProtocolError('"did" needs "res" or "err"', wid)
+    res = msg["res"]
+    if type(res) is str and len(res) < BIG_PIECE:     # the usual res, without a call
+        return wid, dumps(res), None
     return wid, encode_payload(msg, "res", line), None
 
 
@@ -470,19 +478,19 @@ class JobQueue:
         self.dead = 0
         self.top = None           # the highest priority's deque; None: look it up
 
-    def _deque_for(self, priority):
-        jobs = self.by_priority.get(priority)
-        if jobs is None:
-            jobs = self.by_priority[priority] = deque()
-            heapq.heappush(self.levels, -priority)
-            self.top = None
+    def new_level(self, priority):
+        jobs = self.by_priority[priority] = deque()
+        heapq.heappush(self.levels, -priority)
+        self.top = None
         return jobs
 
+    # (A level's deque is never empty, so `or` only makes a missing one.)
+
     def push(self, job):
-        self._deque_for(job.priority).append(job)
+        (self.by_priority.get(job.priority) or self.new_level(job.priority)).append(job)
 
     def push_front(self, job):
-        self._deque_for(job.priority).appendleft(job)
+        (self.by_priority.get(job.priority) or self.new_level(job.priority)).appendleft(job)
 
     def head(self):
         """The next live job, or None."""
@@ -953,11 +961,14 @@ class Broker:
 
     def deliver(self, job, field, value_json):
         """Send every waiting submitter its `did`, under its own id."""
-        self.forget(job)
+        if job.unique is not None or job.bg_deadlines:     # else forget() has nothing to do
+            self.forget(job)
         owner = job.owner
         if owner is not None:
             sub_id = job.owner_id
-            self.answered(owner, sub_id)
+            del owner.jobs[sub_id]          # answered(), inlined: once per job
+            if owner.deadlines:
+                self.stop_deadline(owner, sub_id)
             if len(value_json) >= BIG_PIECE:    # a big payload goes out as it is, not copied
                 owner.link.send_many((reply_prefix(sub_id) + field, value_json, b"}\r\n"))
             elif type(sub_id) is int:
@@ -1305,7 +1316,10 @@ class Connection:
             lines = self.complete_lines(data) if data else None
             if lines is None:
                 return self.finish_reading()
-            self.continue_lines(lines)
+            rest = self.handle_lines(lines)         # continue_lines(), inlined: once per read
+            if rest is not None and not self.closing:
+                self.pending = rest
+                self.watcher.stop()
         except Exception:
             log.exception("%s: internal error, closing the connection", self.name)
             self.finish_reading()
@@ -1501,51 +1515,49 @@ class Connection:
         if self.raw_send is None:
             return self.hand_to_writer()
         while out:
-            pieces, size = self.next_pieces()
+            chunk, size = self.next_chunk()
             try:
-                sent = self.send_pieces(pieces, size)
+                if type(chunk) is list:
+                    sent = self.raw_sendmsg(chunk)
+                else:
+                    sent = self.raw_send(chunk)
             except BlockingIOError:
                 sent = 0
             except OSError:
                 return self.broken()
             self.out_bytes -= sent
             if sent < size:
-                out[:0] = unsent_part(pieces, sent)
+                out[:0] = unsent_part(chunk if type(chunk) is list else [chunk], sent)
                 return self.hand_to_writer()
         if self.peer.paused and self.out_bytes <= self.high_water // 2:
             self.resume()
 
-    def next_pieces(self):
-        """-> (pieces, their size): the front of the output, up to
-        WRITE_CHUNK bytes, so a big backlog is never handled whole.
+    def next_chunk(self):
+        """-> (what one send takes from the front of the output, its size):
+        up to WRITE_CHUNK bytes, so a big backlog is never handled whole.
+        Small pieces come joined into one bytes object, which is cheaper
+        than sendmsg's list of buffers; with a big one among them, they
+        come as a list for sendmsg, so a big payload is never copied.
 
         The connection keeps its one output list: a fresh list per flush
         would outlive the flush, and with 10,000 workers those lists kept
-        the cyclic GC busy (15 % of the server's CPU, pauses of 175 ms);
-        the copy taken here is freed as soon as it is sent."""
+        the cyclic GC busy (15 % of the server's CPU, pauses of 175 ms)."""
         out = self.out
-        if len(out) == 1 or (self.out_bytes <= WRITE_CHUNK and len(out) <= WRITE_PIECES):
-            pieces = out[:]
+        if len(out) == 1:           # the usual case: one message since the last flush
+            return out.pop(), self.out_bytes
+        if self.out_bytes <= WRITE_CHUNK and len(out) <= WRITE_PIECES:
+            pieces, size = out[:], self.out_bytes
             out.clear()
-            return pieces, self.out_bytes
-        size = count = 0
-        for piece in out:
-            count += 1
-            size += len(piece)
-            if size >= WRITE_CHUNK or count == WRITE_PIECES:
-                break
-        pieces = out[:count]
-        del out[:count]
-        return pieces, size
-
-    def send_pieces(self, pieces, size):
-        """One non-blocking send. Small pieces are joined first, which is
-        cheaper than sendmsg's list of buffers; big ones are not copied."""
-        if len(pieces) == 1:
-            return self.raw_send(pieces[0])
-        if size < BIG_PIECE:
-            return self.raw_send(b"".join(pieces))
-        return self.raw_sendmsg(pieces)
+        else:
+            size = count = 0
+            for piece in out:
+                count += 1
+                size += len(piece)
+                if size >= WRITE_CHUNK or count == WRITE_PIECES:
+                    break
+            pieces = out[:count]
+            del out[:count]
+        return (b"".join(pieces) if size < BIG_PIECE else pieces), size
 
     def hand_to_writer(self):
         self.writer_owns_socket = True
@@ -1562,8 +1574,8 @@ class Connection:
                 wait()
                 clear()
                 while self.out:
-                    pieces, size = self.next_pieces()
-                    sendall(b"".join(pieces))
+                    chunk, size = self.next_chunk()
+                    sendall(b"".join(chunk) if type(chunk) is list else chunk)
                     self.out_bytes -= size
                     if self.peer.paused and self.out_bytes <= self.high_water // 2:
                         self.resume()

@@ -76,13 +76,24 @@ def test_a_big_backlog_is_taken_in_bounded_pieces_in_order(pair):
     conn.out, conn.out_bytes = list(pieces), sum(map(len, pieces))
     taken = []
     while conn.out:
-        part, size = conn.next_pieces()
-        assert size == sum(map(len, part))
-        assert len(part) <= WRITE_PIECES
+        before = len(conn.out)
+        chunk, size = conn.next_chunk()
+        data = b"".join(chunk) if type(chunk) is list else chunk
+        assert size == len(data)
+        assert (type(chunk) is list) == (size >= BIG_PIECE)   # joined unless big in all
+        assert before - len(conn.out) <= WRITE_PIECES
         assert size < WRITE_CHUNK + 1000
         conn.out_bytes -= size
-        taken.extend(part)
-    assert len(taken) == len(pieces) and b"".join(taken) == b"".join(pieces)
+        taken.append(data)
+    assert b"".join(taken) == b"".join(pieces)
+
+
+def test_a_lone_piece_is_taken_as_it_is(pair):
+    conn, _ = pair
+    conn.send(b"x" * (BIG_PIECE * 2))
+    piece = conn.out[0]
+    chunk, size = conn.next_chunk()
+    assert chunk is piece and size == len(piece) and conn.out == []
 
 
 @pytest.mark.parametrize("sent", [0, 1, 999, 1000, 1001, 2500, 3000])
