@@ -2106,9 +2106,26 @@ def main(argv=None, environ=os.environ):
         gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
         return server.serve_forever()
     except DocoptExit:
-        return fail("bad command line %r (see deputy-server --help)" % " ".join(argv))
+        return fail("bad command line %r (see deputy-server --help)" % " ".join(without_secret(argv)))
     except (UsageError, StartupError) as exc:
         return fail(str(exc))
+
+
+def without_secret(argv):
+    """argv to echo in an error, with the value of --secret (or of any
+    option it could abbreviate to, docopt-style) masked: a secret is never
+    printed (SPEC 8), even in a bad command line."""
+    shown, hide_next = [], False
+    for arg in argv:
+        if hide_next:
+            arg, hide_next = "***", False
+        elif arg.startswith("--sec"):
+            if "=" in arg:
+                arg = arg.partition("=")[0] + "=***"
+            else:
+                hide_next = True
+        shown.append(arg)
+    return shown
 
 
 def fail(text):

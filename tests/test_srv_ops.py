@@ -138,6 +138,40 @@ def test_secret_file_is_stripped(start_server, tmp_path):
     refused_and_closed(c)
 
 
+@pytest.mark.parametrize("argv", [
+    ["--secret", SECRET, "--bogus"],
+    ["--bogus", "--secret", SECRET],
+    ["--secret=" + SECRET, "extra-positional-argument"],
+    ["--sec", SECRET, "--no-such-option"],
+], ids=["before", "after", "equals", "abbreviated"])
+def test_a_bad_command_line_never_prints_the_secret(argv):
+    import subprocess
+    import sys
+    from conftest import ROOT, SERVER
+    proc = subprocess.run([sys.executable, SERVER] + argv, capture_output=True, timeout=10,
+                          cwd=ROOT)
+    err = proc.stderr.decode()
+    assert proc.returncode != 0 and "bad command line" in err
+    assert SECRET not in err and SECRET not in proc.stdout.decode()
+
+
+def test_the_secret_is_never_logged(start_server):
+    """Periodic metrics, a wrong secret, a right one, refused commands: the
+    server's log never holds the secret, nor a wrong guess at it."""
+    srv = start_server("-v", "--metrics-interval", "0.05", "--secret", SECRET)
+    wrong = srv.connect()
+    wrong.send(auth(SECRET[::-1]))
+    refused_and_closed(wrong)
+    c = authed(srv)
+    c.send({"cmd": "bogus", "secret": SECRET})
+    expect_error(c)
+    sync(c)
+    wait_for(lambda: "jobs_added" in srv.stderr(), what="periodic metrics on stderr")
+    log = srv.stderr()
+    assert "authentication failed" in log
+    assert SECRET not in log and SECRET[::-1] not in log
+
+
 def test_missing_secret_file_is_one_clear_line(tmp_path):
     import subprocess
     import sys
