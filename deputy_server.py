@@ -27,6 +27,7 @@ import heapq
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -103,6 +104,8 @@ def encode(message):
 
 
 def encode_error(text, id=NO_ID):
+    if type(id) is int:         # %d: exact beyond orjson's 64 bits too
+        return b'{"cmd":"error","error":%b,"id":%d}\r\n' % (dumps(text), id)
     if id is not NO_ID:
         try:
             return encode({"cmd": "error", "error": text, "id": id})
@@ -151,8 +154,7 @@ def decode_line(line):
     try:
         msg = loads(line)
     except JSONDecodeError as exc:
-        raise ProtocolError("invalid JSON or a number Deputy cannot carry exactly: %s" % exc,
-                            salvage_id(line))
+        raise ProtocolError("invalid JSON or a number Deputy cannot carry exactly: %s" % exc)
     if type(msg) is not dict:
         raise ProtocolError("a message must be a JSON object")
     cmd = msg.get("cmd")
@@ -164,17 +166,33 @@ def decode_line(line):
 LEADING_ID = re.compile(rb'\s*\{[^\[\]{}]*?"id"\s*:\s*("(?:[^"\\]|\\.){0,1000}"|-?[0-9]{1,19})\s*[,}]')
 
 
+UNECHOABLE = object()       # a number salvage_id cannot echo as it was sent
+
+
 def _small_int(text):
-    return int(text) if len(text) < 20 else None
+    return int(text) if len(text) <= 40 else UNECHOABLE    # int() of huge literals is slow
+
+
+def _finite_float(text):
+    number = float(text)
+    return number if math.isfinite(number) else UNECHOABLE
+
+
+# The standard library's parser, for salvage_id: it keeps integers beyond
+# 64 bits exact (orjson reads them as floats) and, with raw_decode, reads
+# the first value of a line that has trailing garbage or a second value.
+SALVAGE_DECODER = json.JSONDecoder(parse_int=_small_int, parse_float=_finite_float,
+                                   parse_constant=lambda text: UNECHOABLE)
 
 
 def salvage_id(line):
-    """The id of a line orjson refused, when a laxer parser finds one (say the
-    line is valid JSON with a number too big for a double), so the error can
-    carry it. Only on the error path."""
+    """The id a refused line had, exactly as sent, so that the error can carry
+    it (SPEC 1): also when the line is invalid (trailing garbage, a number
+    orjson refuses) or its id is an integer beyond 64 bits. Only on the
+    error path."""
     try:
-        msg = json.loads(line, parse_int=_small_int, parse_float=lambda text: None,
-                         parse_constant=lambda text: None)
+        text = bytes(line).decode("utf-8", "surrogateescape")   # the id may still be fine
+        msg = SALVAGE_DECODER.raw_decode(text.lstrip(" \t\r\n"))[0]
     except RecursionError:      # nested too deep even for it: an id before any nesting
         found = LEADING_ID.match(line)
         try:
@@ -183,11 +201,11 @@ def salvage_id(line):
             return NO_ID
     except ValueError:
         return NO_ID
-    if type(msg) is dict:
-        value = msg.get("id")
-        if type(value) is str or type(value) is int:
-            return value
-    return NO_ID
+    if type(msg) is not dict:
+        return NO_ID
+    id = msg.get("id", NO_ID)
+    return NO_ID if id is UNECHOABLE else id       # (one nested deeper is dropped by
+                                                    # encode_error, which cannot encode it)
 
 
 def suspicious_float(number):
@@ -304,7 +322,7 @@ def field_id(msg):
     value = msg["id"]
     kind = type(value)
     if kind is not str and kind is not int:
-        raise ProtocolError('"id" must be a string or an integer', value)
+        raise ProtocolError('"id" must be a string or an integer of at most 64 bits', value)
     return value
 
 
@@ -1424,9 +1442,9 @@ class Connection:
                 cmd = msg["cmd"]
                 handlers[cmd](self, msg, line)
             except ProtocolError as exc:
-                self.refuse(exc)
+                self.refuse(exc, line)
             except Exception:
-                self.refuse(self.explain(line))
+                self.refuse(self.explain(line), line)
             if self.closing:
                 return None
             if self.peer.paused:        # replies to this very batch filled the buffer
@@ -1447,8 +1465,13 @@ class Connection:
         log.exception("%s: internal error on a %s message", self.name, cmd)
         return ProtocolError("internal error on a %s message" % cmd, msg.get("id", NO_ID))
 
-    def refuse(self, exc):
-        self.send(encode_error(exc.text, exc.id))
+    def refuse(self, exc, line):
+        """Answer a refused line with an error carrying its id, if it had
+        one (SPEC 1), whatever the command and whatever was wrong with it."""
+        id = exc.id
+        if id is NO_ID or type(id) is float:    # none found yet, or orjson's float
+            id = salvage_id(line)               # for an integer beyond 64 bits
+        self.send(encode_error(exc.text, id))
         if not self.logged_error:
             self.logged_error = True
             log.info("%s: refused a message: %s (further errors on this connection are "

@@ -72,6 +72,7 @@ def test_auth_pipelined_with_commands(start_server):
     {"cmd": "can_do", "types": ["T"]},
     {"cmd": "did", "id": 1, "res": 1},
     {"cmd": "bogus"},
+    {"cmd": "cancel", "id": "c-1"},
 ], ids=lambda m: m["cmd"])
 def test_command_before_auth_is_refused_and_closed(secret_server, first):
     t = "ops-%d" % next(_types)
@@ -82,7 +83,9 @@ def test_command_before_auth_is_refused_and_closed(secret_server, first):
         first["types"] = [t]
     c = secret_server.connect()
     c.send(first, {"cmd": "metrics"})
-    refused_and_closed(c)
+    msg = refused_and_closed(c)
+    if "id" in first:       # SPEC 1: an error carries the refused message's id
+        assert msg.get("id") == first["id"], msg
     good = authed(secret_server)
     m = good.metrics()
     good.close()

@@ -745,13 +745,44 @@ def test_int_and_string_ids_come_back_as_sent(conn, shared):
         w.close()
 
 
-@pytest.mark.parametrize("bad_id", [2 ** 64, -2 ** 63 - 1])
-def test_id_beyond_64_bits_refused(conn, shared, bad_id):
+@pytest.mark.parametrize("bad_id", [2 ** 64, -2 ** 63 - 1, 2 ** 64 + 1, -(10 ** 30) - 7])
+def test_id_beyond_64_bits_refused_and_echoed_exactly(conn, shared, bad_id):
+    """orjson reads such an integer as a float; the error still carries the
+    very number sent, not a rounded one."""
     t = fresh_type()
     s = conn()
     s.send_raw(b'{"cmd":"do","id":' + str(bad_id).encode() + b',"type":"' + t.encode() + b'"}\r\n')
-    expect_error(s)
+    reply = s.recv_line()
+    assert reply.startswith(b'{"cmd":"error"'), reply
+    assert reply.endswith(b',"id":%d}\r' % bad_id), reply
     assert sync_quiet(s)["types"].get(t, {}).get("queued", 0) == 0
+
+
+REFUSED_WITH_AN_ID = [
+    (b'{"cmd":"can_do","types":5,"id":"c"}', "c"),
+    (b'{"cmd":"can_do","types":["x"],"capacity":0,"id":4}', 4),
+    (b'{"cmd":"can_do","types":["x"],"capacity":true,"id":[4]}', [4]),
+    (b'{"cmd":"cant_do","types":null,"id":"d"}', "d"),
+    (b'{"cmd":"auth","secret":5,"id":"a"}', "a"),
+    (b'{"cmd":"progress","id":"p"}', "p"),
+    (b'{"cmd":"do","id":"g","type":"x"} trailing', "g"),
+    (b'{"cmd":"metrics","id":7}{"cmd":"metrics"}', 7),
+    (b'  {"cmd":"do","id":"nan","type":"x","arg":NaN}', "nan"),
+    (b'{"cmd":"do","id":"utf","type":"x","arg":"\xff"}', "utf"),
+    (b'{"cmd":"do","id":null,"type":"x"}', None),
+]
+
+
+@pytest.mark.parametrize("raw,eid", REFUSED_WITH_AN_ID, ids=[
+    "can_do-types", "can_do-capacity", "list-id", "cant_do", "auth", "progress", "trailing-garbage",
+    "two-values", "NaN", "invalid-utf8", "null-id"])
+def test_every_refusal_of_a_message_with_an_id_carries_it(conn, shared, raw, eid):
+    """SPEC 1: an error carries "id" when the refused message had one, for
+    any command and whatever was wrong, invalid JSON after the id included."""
+    c = conn()
+    c.send_raw(raw + b"\r\n")
+    expect_error(c, id=eid)
+    still_usable(c, shared)
 
 
 def test_wid_is_the_servers_and_only_echoed(conn, shared):
