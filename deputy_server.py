@@ -889,7 +889,10 @@ class Broker:
             return
         if not cancel_running:
             self.counters.jobs_abandoned += 1
-        self.end_unwanted(job, cancel_running)
+        # A plain job whose submitter left runs on and its result is dropped
+        # (SPEC 2.6, the seed's rule); a unique job is cancelled at its
+        # worker once no submitter is left, however they went (SPEC 7).
+        self.end_unwanted(job, cancel_running or job.unique is not None)
 
     def end_unwanted(self, job, cancel_running):
         """Nobody waits for job any more: drop it if queued; if running, cancel

@@ -303,6 +303,23 @@ def test_unique_joined_submitter_leaving_only_detaches(server, connect):
     s1.expect("did", id="one", res="r")
 
 
+def test_unique_running_job_cancelled_when_all_submitters_leave(server, connect):
+    """SPEC 7: a unique job is cancelled when no submitter is left waiting,
+    whether they cancelled, timed out or left (a plain job whose submitter
+    leaves runs on: test_srv_semantics)."""
+    w, s1, s2, j = coalesced_pair(server, connect)
+    s1.close()
+    assert w.nothing_within(0.1), "s2 still waits"
+    s2.close()
+    w.expect("cancel", id=j["id"])
+    w.send(did(j["id"], res="late"))
+    expect_error(w, id=j["id"])
+    m = wait_metrics(w, lambda m: m["connections_open"] == 1)
+    assert m["jobs_abandoned"] == 1 and m["jobs_running"] == 0 and m["jobs_cancelled"] == 0
+    w.send(do("again", "t", 1, unique="k"))       # the key is free: a new job
+    assert take_job(w, "t")["arg"] == 1
+
+
 def test_unique_queued_job_dropped_when_all_submitters_leave(server, connect):
     s1, s2 = connect(), connect()
     s1.send(do(1, "t", 1, unique="k"))
