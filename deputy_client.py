@@ -101,8 +101,9 @@ class JobRefused(JobFailed):
     """The server refused the job (an `error` message carrying its id)."""
 
 
-class Timeout(gevent.Timeout, DeputyError):
-    """A wait ran out of time. Also a `gevent.Timeout`."""
+class Timeout(gevent.Timeout, DeputyError, TimeoutError):
+    """A wait ran out of time. Also a `gevent.Timeout`, and the built-in
+    `TimeoutError` that `concurrent.futures` and asyncio users catch."""
 
     def __init__(self, message):
         gevent.Timeout.__init__(self, None)
