@@ -100,6 +100,14 @@ def http_server(start_server):
     return srv
 
 
+def test_http_listens_on_loopback_only_when_given_a_port_alone(http_server):
+    """SPEC 8: --http PORT is 127.0.0.1:PORT. Bound to 0.0.0.0 it would
+    answer on 127.0.0.2 too."""
+    assert http_get(http_server.http_port, "/health")[0] == 200
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.2", http_server.http_port), timeout=1).close()
+
+
 def run_jobs(srv, type_name, count, result="ok"):
     worker, client = srv.connect(), srv.connect()
     worker.send({"cmd": "can_do", "types": [type_name]})

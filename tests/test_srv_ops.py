@@ -293,6 +293,21 @@ def draining_with_one_job(srv):
     return w, s, j
 
 
+def test_the_default_drain_timeout_is_30_seconds(start_server):
+    """Black box, the drain outlasts a short wait and SIGINT still ends it at
+    once; the 30 itself is read from the options the server parsed."""
+    from docopt import docopt
+    from deputy_server import USAGE, server_from_args
+    assert server_from_args(docopt(USAGE, []), {}).drain_timeout == 30
+    srv = start_server()
+    held = draining_with_one_job(srv)      # (kept: closing the worker would end the drain)
+    time.sleep(1.5)
+    assert srv.proc.poll() is None, "the drain gave up long before 30 s"
+    srv.signal(signal.SIGINT)
+    assert srv.wait(5) == 0
+    assert held[0].is_closed(3)
+
+
 def test_drain_ends_when_the_worker_in_flight_is_lost(start_server):
     """A lost worker's job goes back to the queue, which is no longer handed
     out while draining: nothing is left in flight, so the server exits."""
