@@ -551,6 +551,8 @@ class Connection:
 
     def _on_error(self, message):
         job_id, text = message.get("id"), str(message.get("error"))
+        if text.startswith("authentication"):      # whatever message it was about
+            return self._refused_auth(text)
         job = self.pending.get(job_id) if isinstance(job_id, str) else None
         if job is not None:
             del self.pending[job_id]
@@ -565,12 +567,15 @@ class Connection:
             log.warning("%s refused a message about held job %s: %s", self.label, job_id, text)
         elif text.startswith("line too long"):
             self._fail_too_long(text)
-        elif text.startswith("authentication"):
-            self.fatal = AuthError("%s: %s (give the client its secret, or set DEPUTY_SECRET)"
-                                   % (self.label, text))
-            shut_down(self._sock)
         else:
             log.warning("%s: error: %s", self.label, text)
+
+    def _refused_auth(self, text):
+        """The server wants a secret this client lacks (or refused it): the
+        server closes the connection; retrying cannot help."""
+        self.fatal = AuthError("%s: %s (give the client its secret, or set DEPUTY_SECRET)"
+                               % (self.label, text))
+        shut_down(self._sock)
 
     def _fail_too_long(self, text):
         """The server hangs up on a line over its --max-line (smaller than
