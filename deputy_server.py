@@ -666,8 +666,12 @@ class Broker:
         c.connections_open -= 1
         self.cant_do(peer, [kind.name for kind in peer.kinds])
         # Its own submissions first, so that jobs it both submitted and held
-        # are not handed out again (SPEC 2.6: never handed out).
-        for sub_id, job in list(peer.jobs.items()):
+        # are not handed out again (SPEC 2.6: never handed out); the queued
+        # ones before the running ones, because cancelling a running unique
+        # job frees a worker, which must not be handed one of them.
+        queued = [entry for entry in peer.jobs.items() if entry[1].state != RUNNING]
+        running = [entry for entry in peer.jobs.items() if entry[1].state == RUNNING]
+        for sub_id, job in queued + running:
             self.detach(peer, sub_id, job, cancel_running=False)
         self.requeue_lost(peer)
 

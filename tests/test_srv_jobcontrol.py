@@ -320,6 +320,23 @@ def test_unique_running_job_cancelled_when_all_submitters_leave(server, connect)
     assert take_job(w, "t")["arg"] == 1
 
 
+def test_a_departing_submitters_queued_job_never_fills_the_slot_its_unique_job_freed(
+        server, connect):
+    """Cancelling its running unique job frees the worker; the submitter's
+    other jobs, queued behind it, are dropped all the same (SPEC 2.6)."""
+    w = worker(server, "t")
+    s = connect()
+    s.send(do("u", "t", "unique", unique="k"))
+    j = take_job(w, "t")
+    s.send(do("p", "t", "plain"))
+    wait_metrics(w, lambda m: m["jobs_queued"] == 1)
+    s.close()
+    w.expect("cancel", id=j["id"])
+    m = wait_metrics(w, lambda m: m["connections_open"] == 1 and m["jobs_queued"] == 0)
+    assert m["jobs_running"] == 0 and m["jobs_dispatched"] == 1
+    assert w.nothing_within(0.15), "a job of a submitter that left was handed out"
+
+
 def test_unique_queued_job_dropped_when_all_submitters_leave(server, connect):
     s1, s2 = connect(), connect()
     s1.send(do(1, "t", 1, unique="k"))
