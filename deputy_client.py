@@ -103,7 +103,8 @@ class JobRefused(JobFailed):
 
 class Timeout(gevent.Timeout, DeputyError, TimeoutError):
     """A wait ran out of time. Also a `gevent.Timeout`, and the built-in
-    `TimeoutError` that `concurrent.futures` and asyncio users catch."""
+    `TimeoutError` (which concurrent.futures.TimeoutError and
+    asyncio.TimeoutError are, from Python 3.11), so an OSError."""
 
     def __init__(self, message):
         gevent.Timeout.__init__(self, None)

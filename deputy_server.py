@@ -163,7 +163,8 @@ def decode_line(line):
     return cmd, msg
 
 
-LEADING_ID = re.compile(rb'\s*\{[^\[\]{}]*?"id"\s*:\s*("(?:[^"\\]|\\.){0,1000}"|-?[0-9]{1,19})\s*[,}]')
+LEADING_ID = re.compile(rb'\s*\{[^\[\]{}]*?"id"\s*:\s*("(?:[^"\\]|\\.){0,1000}"|-?[0-9]{1,40})\s*[,}]')
+SALVAGE_LIMIT = 64 * 1024       # longest line salvage_id parses whole: its parser is slow
 
 
 UNECHOABLE = object()       # a number salvage_id cannot echo as it was sent
@@ -186,20 +187,25 @@ SALVAGE_DECODER = json.JSONDecoder(parse_int=_small_int, parse_float=_finite_flo
 
 
 def salvage_id(line):
-    """The id a refused line had, exactly as sent, so that the error can carry
-    it (SPEC 1): also when the line is invalid (trailing garbage, a number
-    orjson refuses) or its id is an integer beyond 64 bits. Only on the
-    error path."""
+    """The id a refused line had, exactly as sent, when orjson could not
+    give it: the line is invalid (trailing garbage, NaN, a number orjson
+    refuses), or the id is an integer beyond 64 bits (orjson reads a float).
+    First where clients put it, before any nesting, found by a regex; else,
+    in a line of at most SALVAGE_LIMIT bytes, by the standard library's
+    parser, which keeps integers exact and reads the first value of a line
+    with more after it, but is slow. Only on the error path."""
+    found = LEADING_ID.match(line)
+    if found:
+        try:
+            return json.loads(found.group(1))     # exact beyond 64 bits too
+        except ValueError:
+            return NO_ID                            # a string id that is not UTF-8
+    if len(line) > SALVAGE_LIMIT:
+        return NO_ID
     try:
         text = bytes(line).decode("utf-8", "surrogateescape")   # the id may still be fine
         msg = SALVAGE_DECODER.raw_decode(text.lstrip(" \t\r\n"))[0]
-    except RecursionError:      # nested too deep even for it: an id before any nesting
-        found = LEADING_ID.match(line)
-        try:
-            return loads(found.group(1)) if found else NO_ID
-        except JSONDecodeError:
-            return NO_ID
-    except ValueError:
+    except (ValueError, RecursionError):
         return NO_ID
     if type(msg) is not dict:
         return NO_ID
@@ -1448,8 +1454,8 @@ class Connection:
                     raise
                 cmd = msg["cmd"]
                 handlers[cmd](self, msg, line)
-            except ProtocolError as exc:
-                self.refuse(exc, line)
+            except ProtocolError as exc:       # (raised by a handler: msg is this line's)
+                self.refuse(exc, line, msg)
             except Exception:
                 self.refuse(self.explain(line), line)
             if self.closing:
@@ -1472,12 +1478,15 @@ class Connection:
         log.exception("%s: internal error on a %s message", self.name, cmd)
         return ProtocolError("internal error on a %s message" % cmd, msg.get("id", NO_ID))
 
-    def refuse(self, exc, line):
+    def refuse(self, exc, line, msg=None):
         """Answer a refused line with an error carrying its id, if it had
-        one (SPEC 1), whatever the command and whatever was wrong with it."""
+        one (SPEC 1), whatever the command and whatever was wrong with it.
+        msg: the line as orjson read it, when it could."""
         id = exc.id
-        if id is NO_ID or type(id) is float:    # none found yet, or orjson's float
-            id = salvage_id(line)               # for an integer beyond 64 bits
+        if id is NO_ID and msg is not None:
+            id = msg.get("id", NO_ID)
+        if (id is NO_ID and msg is None) or type(id) is float:  # unread, or orjson's
+            id = salvage_id(line)                               # float for a big integer
         self.send(encode_error(exc.text, id))
         if not self.logged_error:
             self.logged_error = True
@@ -2142,16 +2151,18 @@ def main(argv=None, environ=os.environ):
 
 
 def without_secret(argv):
-    """argv to echo in an error, with the value of --secret (or of any
-    option it could abbreviate to, docopt-style) masked: a secret is never
-    printed (SPEC 8), even in a bad command line."""
+    """argv to echo in an error, with the value of --secret masked, also
+    when it is spelt as any prefix (docopt takes a unique one, and echoes
+    an ambiguous one like --se): a secret is never printed (SPEC 8), even
+    in a bad command line."""
     shown, hide_next = [], False
     for arg in argv:
+        name = arg.partition("=")[0]
         if hide_next:
             arg, hide_next = "***", False
-        elif arg.startswith("--sec"):
+        elif len(name) > 2 and "--secret-file".startswith(name):
             if "=" in arg:
-                arg = arg.partition("=")[0] + "=***"
+                arg = name + "=***"
             else:
                 hide_next = True
         shown.append(arg)

@@ -100,7 +100,7 @@ def test_get_times_out_and_the_job_still_gets_its_result(shared_server, clients)
         job.get(timeout=0.05)
     assert isinstance(raised.value, gevent.Timeout)
     assert isinstance(raised.value, DeputyError)
-    assert isinstance(raised.value, TimeoutError)      # what concurrent.futures users catch
+    assert isinstance(raised.value, TimeoutError)      # the built-in one
     assert "no result after 0.05 s" in str(raised.value)
     worker = clients(shared_server.address)
     worker.can_do({t: lambda arg: arg.upper()})

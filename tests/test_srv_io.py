@@ -102,6 +102,53 @@ def test_the_unsent_part_of_a_partial_send_is_exact(sent):
     assert b"".join(unsent_part(pieces, sent)) == b"".join(pieces)[sent:]
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_partial_and_refused_sends_lose_and_repeat_nothing(seed):
+    """flush() against a kernel that takes any part of what it is given, or
+    nothing (EAGAIN), with small, big and memoryview pieces: what arrives
+    is exactly what was sent, in order, and the byte count ends at 0 (the
+    writer greenlet finishes what flush() could not)."""
+    rng = random.Random(seed)
+    ours, theirs = gevent.socket.socketpair()
+    conn = Connection(Server(port=0), ours, ("test", 0))
+    real_send = conn.raw_send
+
+    def stingy_send(data):
+        if rng.random() < 0.2:
+            raise BlockingIOError
+        return real_send(memoryview(data)[:rng.randint(0, len(data))])
+
+    def stingy_sendmsg(pieces):
+        return stingy_send(b"".join(pieces))
+
+    conn.raw_send, conn.raw_sendmsg = stingy_send, stingy_sendmsg
+    sent = []
+    try:
+        for n in range(rng.randint(1, 40)):
+            kind = rng.random()
+            if kind < 0.3:
+                piece = memoryview(b"m" * rng.randint(6, 3 * BIG_PIECE))[rng.randint(0, 5):]
+            elif kind < 0.5:
+                piece = bytes([65 + n % 26]) * rng.randint(BIG_PIECE, 3 * BIG_PIECE)
+            else:
+                piece = b"s%d," % n * rng.randint(1, 50)
+            sent.append(bytes(piece))
+            conn.send(piece)
+            if rng.random() < 0.3:
+                conn.flush()
+                assert conn.out_bytes == sum(map(len, conn.out))
+        conn.flush()
+        want = b"".join(sent)
+        assert read_exactly(theirs, len(want)) == want
+        with gevent.Timeout(5):
+            while conn.out or conn.writer_owns_socket:
+                gevent.sleep(0.01)
+        assert conn.out_bytes == 0
+    finally:
+        ours.close()
+        theirs.close()
+
+
 def test_big_payloads_go_to_the_kernel_without_a_copy(pair):
     conn, _ = pair
     given = []

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from rawhelpers import (
-    wait_unix_ready,
+    wait_unix_ready, assert_same,
     ServerProcess, did, do, expect_error, line, sync, sync_quiet, take_job,
     unix_path, wait_for, worker)
 
@@ -85,7 +85,8 @@ def test_command_before_auth_is_refused_and_closed(secret_server, first):
     c.send(first, {"cmd": "metrics"})
     msg = refused_and_closed(c)
     if "id" in first:       # SPEC 1: an error carries the refused message's id
-        assert msg.get("id") == first["id"], msg
+        assert "id" in msg, msg
+        assert_same(msg["id"], first["id"], "error id")
     good = authed(secret_server)
     m = good.metrics()
     good.close()
@@ -146,7 +147,9 @@ def test_secret_file_is_stripped(start_server, tmp_path):
     ["--bogus", "--secret", SECRET],
     ["--secret=" + SECRET, "extra-positional-argument"],
     ["--sec", SECRET, "--no-such-option"],
-], ids=["before", "after", "equals", "abbreviated"])
+    ["--se", SECRET, "--no-such-option"],
+    ["--s=" + SECRET],
+], ids=["before", "after", "equals", "abbreviated", "ambiguous", "ambiguous-equals"])
 def test_a_bad_command_line_never_prints_the_secret(argv):
     import subprocess
     import sys

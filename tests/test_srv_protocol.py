@@ -773,6 +773,20 @@ REFUSED_WITH_AN_ID = [
 ]
 
 
+def test_a_long_invalid_line_keeps_its_leading_id_and_costs_no_slow_parse(conn, shared):
+    """Past 64 KiB the slow parser is not run: an id before any nested value
+    is still found (where clients put it), one after it is not."""
+    c = conn()
+    pad = b"[" + b"1," * 40000 + b"1]"
+    c.send_raw(b'{"cmd":"do","id":"lead","type":"x","arg":' + pad + b',NaN}\r\n')
+    expect_error(c, id="lead")
+    c.send_raw(b'{"cmd":"do","arg":' + pad + b',"id":"late","type":"x"} trailing\r\n')
+    assert "id" not in expect_error(c)
+    c.send_raw(b'{"cmd":"do","arg":[1],"id":"short","type":"x"} trailing\r\n')
+    expect_error(c, id="short")             # a short one is parsed whole
+    still_usable(c, shared)
+
+
 @pytest.mark.parametrize("raw,eid", REFUSED_WITH_AN_ID, ids=[
     "can_do-types", "can_do-capacity", "list-id", "cant_do", "auth", "progress", "trailing-garbage",
     "two-values", "NaN", "invalid-utf8", "null-id"])
