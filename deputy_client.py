@@ -65,6 +65,8 @@ BACKOFF_MAX = 2.0            # reconnection delays double up to this
 CLOSE_FLUSH_TIMEOUT = 2.0    # seconds close() waits for unsent output
 METRICS_TIMEOUT = 5.0
 TIMEOUT_GRACE = 1.0          # seconds past a job's timeout before the client fails it itself
+STARTUP_GRACE = 1.0          # seconds a new client with several servers keeps its first jobs
+                             # while it connects to each, so they are spread over all
 RECV_SIZE = 128 * 1024         # bigger buffers cost glibc an mmap+munmap per read
 MAX_LINE = 1048576           # bytes: the server's default --max-line
 HASH_POINTS = 64             # points per server on the consistent-hash ring
@@ -310,6 +312,7 @@ class Connection:
         self.connected = False     # a socket is open (after auth)
         self.live = False          # connected and taking jobs (not draining)
         self.throttled = False     # told the server we can do nothing for now
+        self.tried = False         # the first connection attempt has ended, well or not
         self.last_error = None
         self.fatal = None          # an error retrying cannot fix (auth, certificate)
         self._out = []
@@ -426,6 +429,12 @@ class Connection:
         level = logging.WARNING if first else logging.DEBUG
         log.log(level, "cannot connect to %s: %s; retrying", self.label, describe(error))
         self._unreachable_for_metrics()
+        self._first_attempt_over()
+
+    def _first_attempt_over(self):
+        if not self.tried:
+            self.tried = True
+            self.client._first_attempt_over()
 
     def _unreachable_for_metrics(self):
         """Whoever waits for this server's metrics learns it is down now,
@@ -445,6 +454,7 @@ class Connection:
         log.error("giving up on %s: %s", self.label, describe(error),
                   extra={"deputy_fatal": self.client._fatal is not None})
         self._unreachable_for_metrics()
+        self._first_attempt_over()
 
     # -- one session --------------------------------------------------------
 
@@ -459,6 +469,7 @@ class Connection:
         try:
             self._say_hello()
             self.client._connection_up(self)
+            self._first_attempt_over()
             self._read_loop(sock, leftover)
         except OSError as error:
             self.last_error = error
@@ -565,7 +576,10 @@ class Connection:
         elif isinstance(job_id, str):
             log.debug("%s: error about finished job %s: %s", self.label, job_id, text)
         elif job_id is not None:
-            log.warning("%s refused a message about held job %s: %s", self.label, job_id, text)
+            # About a job this worker no longer holds: its progress, say,
+            # crossed the server's cancel on the wire. Harmless.
+            level = logging.WARNING if job_id in self.held else logging.DEBUG
+            log.log(level, "%s refused a message about job %s: %s", self.label, job_id, text)
         elif text.startswith("line too long"):
             self._fail_too_long(text)
         else:
@@ -701,7 +715,7 @@ class Job:
 
     __slots__ = ("id", "type", "unique", "bg", "deadline", "progress", "on_progress",
                  "_fields", "_line", "_conn", "_state", "_value", "_event",
-                 "_cancel_requested", "_timer")
+                 "_cancel_requested", "_timer", "_backlog")
 
     def __init__(self, job_id, job_type, fields, unique=None, bg=False, deadline=None):
         self.id = job_id
@@ -719,6 +733,7 @@ class Job:
         self._event = None
         self._cancel_requested = False
         self._timer = None
+        self._backlog = None        # the client's, while it waits there for a server
 
     def __repr__(self):
         state = ("pending", "succeeded", "failed")[self._state]
@@ -785,6 +800,9 @@ class Job:
             self._done()
 
     def _done(self):
+        if self._backlog is not None:   # cancelled or timed out while no server was up
+            self._backlog.pop(self.id, None)
+            self._backlog = None
         self._line = self._fields = None
         if self._timer is not None:
             self._timer.close()
@@ -1126,6 +1144,15 @@ class Client:
         self._turn = 0
         self._ring = HashRing([a.label for a in addresses])
         self._fatal = None
+        # With several servers, the first jobs wait until every server has
+        # been tried (or STARTUP_GRACE has passed): else they would all go
+        # to whichever connected first, and unique keys would not go where
+        # their hash says (SPEC 9).
+        self._starting = len(addresses) > 1
+        self._startup_timer = None
+        if self._starting:
+            self._startup_timer = gevent.get_hub().loop.timer(STARTUP_GRACE)
+            self._startup_timer.start(self._end_startup)
         self.connections = []
         self.connections.extend(Connection(self, a) for a in addresses)
 
@@ -1205,13 +1232,14 @@ class Client:
         if job.deadline is not None and time.monotonic() >= job.deadline:
             job._fail(JobFailed("timeout", job))
             return
-        conn = self._choose(job)
+        conn = None if self._starting else self._choose(job)
         if conn is not None:
             conn.submit(job)
         elif self._fatal is not None:
             job._fail(self._fatal)
         else:
             self._backlog[job.id] = job
+            job._backlog = self._backlog
             job._conn = None
 
     def _choose(self, job):
@@ -1228,10 +1256,25 @@ class Client:
     def _connection_up(self, conn):
         conn.live = True
         self._live = [c for c in self.connections if c.live]
+        if not self._starting:
+            self._route_backlog()
+
+    def _route_backlog(self):
         jobs = list(self._backlog.values())
         self._backlog.clear()
         for job in jobs:
+            job._backlog = None
             self._route(job)
+
+    def _first_attempt_over(self):
+        if self._starting and all(c.tried for c in self.connections):
+            self._end_startup()
+
+    def _end_startup(self):
+        if self._starting:
+            self._starting = False
+            self._startup_timer.close()
+            self._route_backlog()
 
     def _connection_draining(self, conn):
         self._live = [c for c in self.connections if c.live]
@@ -1322,6 +1365,15 @@ class Client:
         total["servers"] = each
         return total
 
+    def _send_background_jobs(self):
+        """A background job outlives its submitter (SPEC 7): one still
+        waiting for a server is sent before the client closes, if a server
+        is up within CLOSE_FLUSH_TIMEOUT."""
+        self._end_startup()
+        with gevent.Timeout(CLOSE_FLUSH_TIMEOUT, False):
+            while self._fatal is None and any(job.bg for job in self._backlog.values()):
+                gevent.sleep(0.01)
+
     def _why_down(self):
         errors = ["%s: %s" % (c.label, describe(c.last_error))
                   for c in self.connections if c.last_error is not None]
@@ -1332,7 +1384,11 @@ class Client:
         handlers; jobs without a result fail with ClientClosed."""
         if self.closed:
             return
+        if any(job.bg for job in self._backlog.values()):
+            self._send_background_jobs()
         self.closed = True
+        if self._startup_timer is not None:
+            self._startup_timer.close()
         for conn in self.connections:
             conn.close()
         self.worker.stop()
@@ -1541,6 +1597,8 @@ def command_do(client, args):
                     priority=cli_number(args, "--priority", int), bg=args["--bg"],
                     unique=args["--unique"], ttr=cli_number(args, "--ttr", positive=True),
                     timeout=timeout)
+    if timeout is None:                 # (else the timeout bounds the wait)
+        wait_for_a_server(client)
     try:
         result = job.get(timeout)
     except Timeout:
@@ -1553,9 +1611,25 @@ def command_do(client, args):
     return 0
 
 
+def wait_for_a_server(client, timeout=CONNECT_TIMEOUT):
+    """`do` and `map` do not wait for a server that is down, as the library
+    does: none reached within timeout is exit 1, saying why. (One lost
+    later is waited for: the jobs are submitted again when it is back.)"""
+    deadline = time.monotonic() + timeout
+    while not any(conn.connected for conn in client.connections):
+        if client._fatal is not None:
+            raise client._fatal
+        if time.monotonic() >= deadline:
+            raise DeputyError("cannot reach %s within %g s%s" % (
+                ", ".join(conn.label for conn in client.connections), timeout,
+                client._why_down()))
+        gevent.sleep(0.02)
+
+
 def command_map(client, args):
     jobs = [client.do(args["TYPE"], parse_cli_arg(line, "line %d" % number))
             for number, line in read_arg_lines(args["FILE"])]
+    wait_for_a_server(client)
     show_progress = sys.stderr.isatty()
     failed, shown = 0, 0.0
     for number, job in enumerate(jobs, 1):

@@ -568,6 +568,33 @@ def test_close_sends_what_was_submitted_just_before(shared_server, clients):
                and observer.metrics()["jobs_added"] > 0, what="the job reached the server")
 
 
+def test_a_bg_job_submitted_as_the_client_starts_is_sent_before_it_closes(start_server,
+                                                                         clients):
+    """Fire and forget, before the first connection is even up: close()
+    waits for a server to send it to (SPEC 7: a bg job outlives its
+    submitter)."""
+    server = start_server()
+    t = job_type()
+    with Client(server.address) as submitter:
+        submitter.do(t, "fire and forget", bg=True)
+    observer = clients(server.address)
+    assert observer.metrics()["types"][t]["queued"] == 1
+
+
+def test_jobs_given_up_while_no_server_is_up_leave_nothing_behind(clients):
+    """Cancelled and timed-out jobs do not pile up in the client while it
+    waits for a server (a long outage must not grow its memory)."""
+    client = clients("127.0.0.1:%d" % free_port())
+    cancelled = [client.do("t", n) for n in range(50)]
+    timed_out = [client.do("t", n, timeout=0.01) for n in range(50)]
+    for job in cancelled:
+        job.cancel()
+    for job in cancelled + timed_out:
+        with pytest.raises(JobFailed):
+            job.get(WAIT)
+    assert client._backlog == {}
+
+
 def test_metrics(shared_server, clients):
     t = job_type()
     worker = clients(shared_server.address)

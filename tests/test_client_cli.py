@@ -91,6 +91,18 @@ def test_do_of_a_failing_job_exits_1_with_the_error_on_stderr(shared_server, cli
     assert done.stderr == "deputy-client: ValueError: asked to fail\n"
 
 
+@pytest.mark.parametrize("command", [["do", "t", "1"], ["map", "t", "-"]], ids=["do", "map"])
+def test_do_and_map_with_no_server_and_no_timeout_exit_1_saying_why(command):
+    """The CLI does not wait for a server that is down, as the library does:
+    none reached within the connect timeout (5 s) is exit 1."""
+    address = "127.0.0.1:%d" % free_port()
+    done = run_cli("-a", address, *command, input="1\n", timeout=WAIT + 5)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("deputy-client: cannot reach %s within 5 s" % address), last
+    assert "refused" in last and done.stdout == ""
+
+
 def test_do_with_no_server_says_why_and_times_out():
     done = run_cli("-a", "127.0.0.1:%d" % free_port(), "do", "t", "--timeout", "0.5")
     assert done.returncode == 1

@@ -53,6 +53,45 @@ def jobs_added(server):
         conn.close()
 
 
+def test_jobs_submitted_as_a_client_starts_are_spread_over_every_server(three_servers,
+                                                                          clients):
+    """SPEC 9, "in turn": also the jobs a new client submits before its
+    connections are up (they wait until every server has been tried)."""
+    t = job_type()
+    before = [jobs_added(server) for server in three_servers]
+    submitter = clients(addresses(three_servers))
+    jobs = [submitter.do(t, n, bg=True) for n in range(30)]
+    for job in jobs:
+        job.get(WAIT)
+    added = [jobs_added(server) - was for server, was in zip(three_servers, before)]
+    assert added == [10, 10, 10]
+
+
+def test_a_new_client_hashes_unique_keys_like_one_already_connected(three_servers, clients):
+    """SPEC 9, "a consistent hash of unique": a key goes to the same
+    server from every client, also from one that has just started, so the
+    two submissions coalesce."""
+    t = job_type()
+    old = all_live(clients(addresses(three_servers)))
+    old_jobs = [old.do(t, n, unique="key-%d" % n) for n in range(30)]
+    wait_until(lambda: sum(jobs_added(server) for server in three_servers) >= 30,
+               what="the first client's jobs queued")
+    new = clients(addresses(three_servers))
+    new_jobs = [new.do(t, n, unique="key-%d" % n) for n in range(30)]
+    wait_until(lambda: sum(coalesced_on(server) for server in three_servers) == 30,
+               what="every key of the new client joined the old client's job")
+    for job in old_jobs + new_jobs:
+        job.cancel()
+
+
+def coalesced_on(server):
+    conn = server.connect()
+    try:
+        return conn.metrics()["jobs_coalesced"]
+    finally:
+        conn.close()
+
+
 def test_jobs_go_round_robin_over_live_servers(three_servers, clients):
     t = job_type()
     worker = all_live(clients(addresses(three_servers)))
