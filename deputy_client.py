@@ -1344,6 +1344,10 @@ class Client:
         under "servers" each server's own (None for one that did not answer)."""
         if self._fatal is not None:
             raise self._fatal
+        if all(not conn.connected and conn.last_error is not None for conn in self.connections):
+            # Every server is down as far as is known: say so now, rather
+            # than after the next attempt to reconnect (up to backoff_max).
+            raise DeputyError("no metrics: cannot reach %s" % self._why_down()[2:-1])
         deadline = time.monotonic() + timeout
         waiters = [(conn, conn.ask_metrics()) for conn in self.connections]
         each, timed_out = {}, False

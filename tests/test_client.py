@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import gevent
 import gevent.event
@@ -593,6 +594,19 @@ def test_jobs_given_up_while_no_server_is_up_leave_nothing_behind(clients):
         with pytest.raises(JobFailed):
             job.get(WAIT)
     assert client._backlog == {}
+
+
+def test_metrics_of_a_server_known_to_be_down_fail_at_once(clients):
+    """README: metrics() raises DeputyError at once when no server can be
+    reached, also after several reconnection attempts (when the next one
+    is up to backoff_max away)."""
+    client = clients("127.0.0.1:%d" % free_port(), backoff_max=30)
+    wait_until(lambda: client.connections[0].last_error is not None, what="a failed attempt")
+    gevent.sleep(0.3)       # into a long back-off
+    started = time.monotonic()
+    with pytest.raises(DeputyError, match="no metrics: cannot reach 127.0.0.1.*refused"):
+        client.metrics(timeout=5)
+    assert time.monotonic() - started < 0.5
 
 
 def test_metrics(shared_server, clients):
