@@ -601,8 +601,9 @@ def test_metrics_of_a_server_known_to_be_down_fail_at_once(clients):
     reached, also after several reconnection attempts (when the next one
     is up to backoff_max away)."""
     client = clients("127.0.0.1:%d" % free_port(), backoff_max=30)
-    wait_until(lambda: client.connections[0].last_error is not None, what="a failed attempt")
-    gevent.sleep(0.3)       # into a long back-off
+    client.backoff_initial = 20     # (read when its connection starts): the next
+    wait_until(lambda: client.connections[0].last_error is not None,     # attempt is
+               what="a failed attempt")                                  # 10-20 s away
     started = time.monotonic()
     with pytest.raises(DeputyError, match="no metrics: cannot reach 127.0.0.1.*refused"):
         client.metrics(timeout=5)
