@@ -45,12 +45,17 @@ class CapacityWatch:
         return arg * 2
 
 
-def jobs_added(server):
+def server_figure(server, name):
+    """One figure of a server's metrics, asked over a raw connection."""
     conn = server.connect()
     try:
-        return conn.metrics()["jobs_added"]
+        return conn.metrics()[name]
     finally:
         conn.close()
+
+
+def jobs_added(server):
+    return server_figure(server, "jobs_added")
 
 
 def test_jobs_submitted_as_a_client_starts_are_spread_over_every_server(three_servers,
@@ -78,18 +83,10 @@ def test_a_new_client_hashes_unique_keys_like_one_already_connected(three_server
                what="the first client's jobs queued")
     new = clients(addresses(three_servers))
     new_jobs = [new.do(t, n, unique="key-%d" % n) for n in range(30)]
-    wait_until(lambda: sum(coalesced_on(server) for server in three_servers) == 30,
+    wait_until(lambda: sum(server_figure(server, "jobs_coalesced") for server in three_servers) == 30,
                what="every key of the new client joined the old client's job")
     for job in old_jobs + new_jobs:
         job.cancel()
-
-
-def coalesced_on(server):
-    conn = server.connect()
-    try:
-        return conn.metrics()["jobs_coalesced"]
-    finally:
-        conn.close()
 
 
 def test_jobs_go_round_robin_over_live_servers(three_servers, clients):
