@@ -635,16 +635,9 @@ class Connection:
         return waiter
 
     def throttle(self, types):
-        """Stop this server handing us jobs (the worker is full). A server
-        whose jobs it holds is told a capacity of just those, so that it
-        still counts it among its workers (and `status` does not show jobs
-        running with no worker); the others are told `cant_do`."""
+        """Stop this server handing us jobs (the worker is full elsewhere)."""
         if self.connected and not self.throttled:
-            if self.held:
-                self.send(message_line({"cmd": "can_do", "types": types,
-                                        "capacity": len(self.held)}))
-            else:
-                self.send(message_line({"cmd": "cant_do", "types": types}))
+            self.send(message_line({"cmd": "cant_do", "types": types}))
         self.throttled = True
 
     def unthrottle(self, types, capacity):
@@ -881,9 +874,8 @@ class Worker:
     most `capacity` run at once, summed over every server. The greenlets
     (slots) are kept and reused, since making a greenlet costs more than
     a small job. With several servers, each is told the whole capacity;
-    when the worker is full they are told to send no more (see
-    Connection.throttle) until a slot frees, and a job that arrives anyway
-    is given back with `release`."""
+    when the worker is full they are told `cant_do` until a slot frees, and
+    a job that arrives anyway is given back with `release`."""
 
     def __init__(self, client, shared):
         self.client = client
