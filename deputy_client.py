@@ -66,7 +66,8 @@ CLOSE_FLUSH_TIMEOUT = 2.0    # seconds close() waits for unsent output
 METRICS_TIMEOUT = 5.0
 TIMEOUT_GRACE = 1.0          # seconds past a job's timeout before the client fails it itself
 STARTUP_GRACE = 1.0          # seconds a new client with several servers keeps its first jobs
-                             # while it connects to each, so they are spread over all
+                             # while it connects to each, so they are spread over all,
+STARTUP_AFTER_FIRST = 0.1    # and at most this long once one of them is up
 RECV_SIZE = 128 * 1024         # bigger buffers cost glibc an mmap+munmap per read
 MAX_LINE = 1048576           # bytes: the server's default --max-line
 HASH_POINTS = 64             # points per server on the consistent-hash ring
@@ -320,6 +321,7 @@ class Connection:
         self._closing = False
         self._writer = None
         self._sock = None
+        self._retry = gevent.event.Event()     # set: end a back-off wait now
         self._greenlet = gevent.spawn(self._run)
 
     def __repr__(self):
@@ -377,7 +379,8 @@ class Connection:
                 if time.monotonic() - started > self.client.backoff_max:
                     delay = self.client.backoff_initial
             if not self.client.closed:
-                gevent.sleep(random.uniform(delay / 2, delay))
+                self._retry.wait(random.uniform(delay / 2, delay))
+                self._retry.clear()
                 delay = min(delay * 2, self.client.backoff_max)
 
     def _connect(self):
@@ -422,6 +425,12 @@ class Connection:
         if not isinstance(reply, dict):
             reply = {"error": reply}
         raise AuthError("%s refused the secret: %s" % (self.label, reply.get("error", reply)))
+
+    def retry_now(self):
+        """Someone waits on this server (metrics, a closing client's bg
+        job): if it is down, try to connect now, not after the back-off."""
+        if not self.connected:
+            self._retry.set()
 
     def _note_failure(self, error):
         first = self.last_error is None
@@ -578,7 +587,7 @@ class Connection:
         elif job_id is not None:
             # About a job this worker no longer holds: its progress, say,
             # crossed the server's cancel on the wire. Harmless.
-            level = logging.WARNING if job_id in self.held else logging.DEBUG
+            level = logging.DEBUG if text.startswith("no such job held") else logging.WARNING
             log.log(level, "%s refused a message about job %s: %s", self.label, job_id, text)
         elif text.startswith("line too long"):
             self._fail_too_long(text)
@@ -1136,6 +1145,7 @@ class Client:
         self.backoff_initial = min(BACKOFF_INITIAL, backoff_max)
         self.backoff_max = backoff_max
         self.closed = False
+        self._closing = False        # close() is waiting to send background jobs
         self.worker = Worker(self, shared=len(addresses) > 1)
         self._unusable = gevent.event.Event()    # closed, or every server gave up
         self._ids = itertools.count(1)
@@ -1258,6 +1268,10 @@ class Client:
         self._live = [c for c in self.connections if c.live]
         if not self._starting:
             self._route_backlog()
+        elif len(self._live) == 1:      # one is up: the others get a moment more, not a second
+            self._startup_timer.close()
+            self._startup_timer = gevent.get_hub().loop.timer(STARTUP_AFTER_FIRST)
+            self._startup_timer.start(self._end_startup)
 
     def _route_backlog(self):
         jobs = list(self._backlog.values())
@@ -1344,10 +1358,8 @@ class Client:
         under "servers" each server's own (None for one that did not answer)."""
         if self._fatal is not None:
             raise self._fatal
-        if all(not conn.connected and conn.last_error is not None for conn in self.connections):
-            # Every server is down as far as is known: say so now, rather
-            # than after the next attempt to reconnect (up to backoff_max).
-            raise DeputyError("no metrics: cannot reach %s" % self._why_down()[2:-1])
+        for conn in self.connections:   # a server down: ask it now, not after its back-off
+            conn.retry_now()
         deadline = time.monotonic() + timeout
         waiters = [(conn, conn.ask_metrics()) for conn in self.connections]
         each, timed_out = {}, False
@@ -1374,6 +1386,8 @@ class Client:
         waiting for a server is sent before the client closes, if a server
         is up within CLOSE_FLUSH_TIMEOUT."""
         self._end_startup()
+        for conn in self.connections:
+            conn.retry_now()
         with gevent.Timeout(CLOSE_FLUSH_TIMEOUT, False):
             while self._fatal is None and any(job.bg for job in self._backlog.values()):
                 gevent.sleep(0.01)
@@ -1386,10 +1400,16 @@ class Client:
     def close(self):
         """Write what is buffered, close every connection, kill running
         handlers; jobs without a result fail with ClientClosed."""
-        if self.closed:
+        if self.closed or self._closing:
             return
-        if any(job.bg for job in self._backlog.values()):
-            self._send_background_jobs()
+        self._closing = True
+        try:
+            if any(job.bg for job in self._backlog.values()):
+                self._send_background_jobs()
+        finally:
+            self._close_now()
+
+    def _close_now(self):
         self.closed = True
         if self._startup_timer is not None:
             self._startup_timer.close()
@@ -1602,7 +1622,7 @@ def command_do(client, args):
                     unique=args["--unique"], ttr=cli_number(args, "--ttr", positive=True),
                     timeout=timeout)
     if timeout is None:                 # (else the timeout bounds the wait)
-        wait_for_a_server(client)
+        wait_for_a_server(client, [job])
     try:
         result = job.get(timeout)
     except Timeout:
@@ -1615,25 +1635,34 @@ def command_do(client, args):
     return 0
 
 
-def wait_for_a_server(client, timeout=CONNECT_TIMEOUT):
+def wait_for_a_server(client, jobs, timeout=CONNECT_TIMEOUT):
     """`do` and `map` do not wait for a server that is down, as the library
-    does: none reached within timeout is exit 1, saying why. (One lost
-    later is waited for: the jobs are submitted again when it is back.)"""
+    does: none reached within timeout is exit 1, saying why, and the jobs
+    are cancelled, so that none is sent once the command has failed (a
+    user would submit it again). A server lost later is waited for: the
+    jobs are submitted again when it is back."""
     deadline = time.monotonic() + timeout
-    while not any(conn.connected for conn in client.connections):
-        if client._fatal is not None:
-            raise client._fatal
-        if time.monotonic() >= deadline:
-            raise DeputyError("cannot reach %s within %g s%s" % (
-                ", ".join(conn.label for conn in client.connections), timeout,
-                client._why_down()))
-        gevent.sleep(0.02)
+    try:
+        while not any(conn.connected for conn in client.connections):
+            if client._fatal is not None:
+                raise client._fatal
+            if all(job.ready() for job in jobs):
+                return
+            if time.monotonic() >= deadline:
+                raise DeputyError("cannot reach %s within %g s%s" % (
+                    ", ".join(conn.label for conn in client.connections), timeout,
+                    client._why_down()))
+            gevent.sleep(0.02)
+    except BaseException:               # (Ctrl-C too)
+        for job in jobs:
+            job.cancel()
+        raise
 
 
 def command_map(client, args):
     jobs = [client.do(args["TYPE"], parse_cli_arg(line, "line %d" % number))
             for number, line in read_arg_lines(args["FILE"])]
-    wait_for_a_server(client)
+    wait_for_a_server(client, jobs)
     show_progress = sys.stderr.isatty()
     failed, shown = 0, 0.0
     for number, job in enumerate(jobs, 1):

@@ -19,6 +19,7 @@ import greenlet
 import pytest
 
 from test_client_helpers import ROOT, WAIT, free_port, job_type, wait_until
+import deputy_client
 from deputy_client import (
     Client, ClientClosed, DeputyError, JobCancelled, JobFailed, JobRefused, Timeout, progress)
 
@@ -608,6 +609,55 @@ def test_metrics_of_a_server_known_to_be_down_fail_at_once(clients):
     with pytest.raises(DeputyError, match="no metrics: cannot reach 127.0.0.1.*refused"):
         client.metrics(timeout=5)
     assert time.monotonic() - started < 0.5
+
+
+def test_metrics_of_a_server_back_during_a_long_back_off_are_had_at_once(start_server,
+                                                                           clients):
+    """metrics() asks a down server to try again now: one that came back
+    answers, without waiting out the back-off."""
+    port = free_port()
+    client = clients("127.0.0.1:%d" % port, backoff_max=30)
+    client.backoff_initial = 20
+    wait_until(lambda: client.connections[0].last_error is not None, what="a failed attempt")
+    start_server(port=port)
+    started = time.monotonic()
+    assert client.metrics(timeout=5)["connections_open"] == 1
+    assert time.monotonic() - started < 2
+
+
+def test_a_bg_job_is_sent_by_close_after_an_outage_with_a_long_back_off(start_server,
+                                                                         clients):
+    port = free_port()
+    t = job_type()
+    client = deputy_client.Client("127.0.0.1:%d" % port, backoff_max=30)
+    client.backoff_initial = 20
+    wait_until(lambda: client.connections[0].last_error is not None, what="a failed attempt")
+    client.do(t, "fire and forget", bg=True)
+    server = start_server(port=port)
+    client.close()
+    assert clients(server.address).metrics()["types"][t]["queued"] == 1
+
+
+def test_close_from_a_second_greenlet_while_the_first_waits_is_harmless(clients):
+    client = deputy_client.Client("127.0.0.1:%d" % free_port())
+    client.do("t", 1, bg=True)
+    first = gevent.spawn(client.close)
+    gevent.sleep(0.05)
+    client.close()                      # returns: the first close is under way
+    first.join(WAIT)
+    assert client.closed and first.successful()
+    with pytest.raises(ClientClosed):
+        client.do("t", 2)
+
+
+def test_an_interrupted_close_still_closes(clients):
+    client = deputy_client.Client("127.0.0.1:%d" % free_port())
+    client.do("t", 1, bg=True)
+    with gevent.Timeout(0.1, False):
+        client.close()                  # cut short while it waits for a server
+    assert client.closed
+    with pytest.raises(ClientClosed):
+        client.do("t", 2)
 
 
 def test_metrics(shared_server, clients):

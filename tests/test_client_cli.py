@@ -103,6 +103,17 @@ def test_do_and_map_with_no_server_and_no_timeout_exit_1_saying_why(command):
     assert "refused" in last and done.stdout == ""
 
 
+def test_a_command_that_found_no_server_leaves_no_job_behind(clients):
+    """do --bg failing with "cannot reach" must not send its job later (at
+    close, say, once a server is up): whoever retries would have it twice."""
+    client = clients("127.0.0.1:%d" % free_port())
+    job = client.do("t", 1, bg=True)
+    with pytest.raises(deputy_client.DeputyError, match="cannot reach"):
+        deputy_client.wait_for_a_server(client, [job], timeout=0.2)
+    assert job.ready() and job.exception.error == "cancelled"
+    assert client._backlog == {}
+
+
 def test_do_with_no_server_says_why_and_times_out():
     done = run_cli("-a", "127.0.0.1:%d" % free_port(), "do", "t", "--timeout", "0.5")
     assert done.returncode == 1

@@ -2,6 +2,8 @@
 going away: killed, restarted, draining."""
 import os
 import signal
+import socket
+import time
 
 import gevent
 import gevent.event
@@ -70,6 +72,30 @@ def test_jobs_submitted_as_a_client_starts_are_spread_over_every_server(three_se
         job.get(WAIT)
     added = [jobs_added(server) - was for server, was in zip(three_servers, before)]
     assert added == [10, 10, 10]
+
+
+def test_a_server_that_does_not_answer_delays_a_new_clients_jobs_only_a_moment(
+        start_server, clients):
+    """Start-up waits for every server to be tried, but once one is up the
+    others get 0.1 s more, not the whole second: a host that accepts and
+    never answers (its auth reply never comes) does not hold the jobs up."""
+    secret = "s3cret"
+    good = start_server("--secret", secret)
+    mute = socket.socket()
+    mute.bind(("127.0.0.1", 0))
+    mute.listen(8)                      # the kernel accepts; nobody answers
+    try:
+        t = job_type()
+        worker = clients(good.address, secret=secret)
+        worker.can_do({t: len})
+        wait_until(lambda: worker.connections[0].live, what="worker connected")
+        submitter = clients([good.address, "127.0.0.1:%d" % mute.getsockname()[1]],
+                            secret=secret)
+        started = time.monotonic()
+        assert submitter.do(t, "abc", timeout=0.8).get(WAIT) == 3
+        assert time.monotonic() - started < 0.6
+    finally:
+        mute.close()
 
 
 def test_a_new_client_hashes_unique_keys_like_one_already_connected(three_servers, clients):
@@ -150,6 +176,35 @@ def test_a_full_worker_tells_every_server_cant_do_until_a_slot_frees(three_serve
     gate.set()
     assert job.get(WAIT) == "x"
     wait_until(lambda: workers_per_server() == [1, 1, 1], what="can_do again")
+
+
+def test_a_worker_that_lowers_its_capacity_below_what_it_holds_is_offered_nothing(
+        three_servers, clients):
+    """Full after lowering its capacity, with a job finishing: no server
+    may offer it a job only to have it given back, again and again."""
+    t = job_type()
+    gates, done = [], []
+
+    def gated(arg):
+        gate = gevent.event.Event()
+        gates.append(gate)
+        gate.wait(WAIT)
+        done.append(arg)
+        return arg
+    worker = all_live(clients(addresses(three_servers)))
+    worker.can_do({t: gated}, capacity=3)
+    submitter = all_live(clients(three_servers[0].address))
+    jobs = [submitter.do(t, n) for n in range(6)]
+    wait_until(lambda: len(gates) == 3, what="three jobs in hand")
+    worker.can_do({t: gated}, capacity=1)
+    gates[0].set()
+    wait_until(lambda: len(done) == 1, what="one job done")
+    gevent.sleep(0.3)
+    assert server_figure(three_servers[0], "jobs_released") <= 2
+    for gate in gates:
+        gate.set()
+    for job in jobs:
+        job.cancel()
 
 
 def test_a_lost_server_jobs_go_to_the_others_and_it_takes_jobs_again_when_back(
