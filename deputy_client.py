@@ -1519,6 +1519,11 @@ def main(argv=None):
     except docopt.DocoptExit as usage:      # not --help or --version: those exit 0
         sys.stderr.write("%s\n" % usage)
         return 2
+    # Ctrl-C reaches gevent's hub first, which would print "KeyboardInterrupt"
+    # and a timestamp before passing it on to the command: it is how `work`
+    # and `status --watch` are meant to end, not an error.
+    hub = gevent.get_hub()
+    hub.NOT_ERROR = tuple(hub.NOT_ERROR) + (KeyboardInterrupt,)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("deputy-client: %(message)s"))
     # An error that ends the command is printed once, when it does.

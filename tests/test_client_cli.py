@@ -233,8 +233,11 @@ def test_status_prints_a_table_per_type(shared_server, clients):
 
 
 def test_status_watch_redraws_until_stopped(shared_server):
+    """Ctrl-C is how it ends: exit 0, and nothing on stderr (gevent's hub
+    would print "KeyboardInterrupt" and a timestamp)."""
     watcher = start_cli("-a", shared_server.address, "status", "--watch", "--interval", "0.1",
-                        stdout=gevent.subprocess.PIPE, text=True)
+                        stdout=gevent.subprocess.PIPE, stderr=gevent.subprocess.PIPE,
+                        text=True)
     try:
         with gevent.Timeout(WAIT):
             headers = 0
@@ -243,9 +246,11 @@ def test_status_watch_redraws_until_stopped(shared_server):
                     headers += 1
         watcher.send_signal(signal.SIGINT)
         assert watcher.wait(WAIT) == 0
+        assert watcher.stderr.read() == ""
     finally:
         stop_process(watcher)
         watcher.stdout.close()
+        watcher.stderr.close()
 
 
 def test_status_watch_keeps_watching_while_the_server_is_down(start_server):
