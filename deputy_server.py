@@ -163,7 +163,9 @@ def decode_line(line):
     return cmd, msg
 
 
-LEADING_ID = re.compile(rb'\s*\{[^\[\]{}]*?"id"\s*:\s*("(?:[^"\\]|\\.){0,1000}"|-?[0-9]{1,40})\s*[,}]')
+ECHO_DIGITS = 40            # the longest integer id an error echoes: int() of huge literals is slow
+LEADING_ID = re.compile(rb'\s*\{[^\[\]{}]*?"id"\s*:\s*("(?:[^"\\]|\\.){0,1000}"|-?[0-9]{1,%d})\s*[,}]'
+                        % ECHO_DIGITS)
 SALVAGE_LIMIT = 64 * 1024       # longest line salvage_id parses whole: its parser is slow
 
 
@@ -171,7 +173,7 @@ UNECHOABLE = object()       # a number salvage_id cannot echo as it was sent
 
 
 def _small_int(text):
-    return int(text) if len(text) <= 40 else UNECHOABLE    # int() of huge literals is slow
+    return int(text) if len(text.lstrip("-")) <= ECHO_DIGITS else UNECHOABLE
 
 
 def _finite_float(text):
