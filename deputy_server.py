@@ -470,7 +470,7 @@ class Job:
         self.joined = None
         self.bg = 0                     # background submissions keeping it alive
         self.bg_deadlines = None        # their timeout timers, if any
-        self.held_back = False          # queued, but set aside: its owner is paused
+        self.held_back = None           # queued, but set aside for this paused submitter
         self.unique = None
         self.ttr = None
         self.timeout = None             # the submission's: starts its deadline
@@ -486,6 +486,14 @@ class Job:
         if self.joined:
             found.extend(self.joined)
         return found
+
+    def copy_for(self, peer, sub_id):
+        """A job of peer's own, in this one's place in line: the same work,
+        joined by nobody (Broker.split_off)."""
+        own = Job(sub_id, self.kind, b"")
+        own.arg_tail = self.arg_tail        # shared: bytes, or a view of a line
+        own.seq, own.priority, own.ttr, own.owner = self.seq, self.priority, self.ttr, peer
+        return own
 
     def wanted(self):
         """Does anyone still want this job done?"""
@@ -750,24 +758,56 @@ class Broker:
         return best
 
     def dispatchable_head(self, kind):
-        """The queue's next job whose submitter can take a result now. A job
-        whose only submitter is paused is set aside until it drains (SPEC 5);
-        one that others wait for too (unique, bg) goes ahead."""
+        """The queue's next job that no paused submitter waits for (SPEC 5: a
+        connection past its high-water mark takes no more results): a job
+        only paused submitters wait for is set aside until one of them
+        drains; one that others wait for too goes ahead without them."""
         queue = kind.queue
         while True:
             job = queue.head()
             if job is None:
                 return None
             owner = job.owner
-            if owner is None or not owner.paused or job.joined or job.bg:
+            if not job.joined and (owner is None or not owner.paused):
+                return job          # the usual case: one submitter that reads, or bg
+            if self.without_paused_submitters(job):
                 return job
-            queue.pop_head()
-            job.held_back = True
-            owner.held_back[job] = None
+
+    def without_paused_submitters(self, job):
+        """job, at the head of its queue, has a submitter that is paused. If
+        nobody else waits for it, set it aside for that one (False). Else it
+        goes ahead (True), and each paused submitter gets a run of its own,
+        set aside in the same way: so a paused connection never piles up the
+        results of jobs that others made run, however many it joined."""
+        waiting = job.submitters()
+        paused = [entry for entry in waiting if entry[0].paused]
+        if len(paused) == len(waiting) and not job.bg:
+            job.kind.queue.pop_head()
+            self.set_aside(job, paused[0][0])
+            return False
+        for peer, sub_id in paused:
+            self.split_off(job, peer, sub_id)
+        return True
+
+    def set_aside(self, job, peer):
+        """Keep a queued job out of its queue until peer, paused, drains."""
+        job.held_back = peer
+        peer.held_back[job] = None
+
+    def split_off(self, job, peer, sub_id):
+        """peer stops waiting for job under sub_id and waits for a job of its
+        own instead, set aside until it drains."""
+        if job.owner is peer and job.owner_id == sub_id:
+            job.owner = None
+        else:
+            job.joined.remove((peer, sub_id))
+        own = peer.jobs[sub_id] = job.copy_for(peer, sub_id)
+        job.kind.queued += 1
+        self.set_aside(own, peer)
 
     def put_back(self, job):
         """A set-aside job returns to the front of its queue."""
-        job.held_back = False
+        job.held_back = None
         job.kind.queue.push_front(job)
 
     def assign(self, job, peer):
@@ -877,7 +917,7 @@ class Broker:
 
     def unhold(self, job):
         """Others wait for a set-aside job now: it may go ahead again."""
-        if job.held_back:
+        if job.held_back is not None:
             self.release_held_back(job)
             self.kick(job.kind)
 
@@ -894,10 +934,10 @@ class Broker:
         left). The job itself ends only when nobody else waits for it."""
         del peer.jobs[sub_id]
         self.stop_deadline(peer, sub_id)
+        if job.held_back is peer:       # set aside for peer: back in line, for any others
+            peer.held_back.pop(job, None)
+            self.put_back(job)
         if job.owner is peer and job.owner_id == sub_id:
-            if job.held_back:           # set aside for this owner: back in line
-                peer.held_back.pop(job, None)
-                self.put_back(job)
             job.owner = None
         elif job.joined:
             job.joined = [entry for entry in job.joined
@@ -946,18 +986,16 @@ class Broker:
         held_back, peer.held_back = peer.held_back, {}
         kinds = set()
         for job in reversed(held_back):
-            if job.held_back:
+            if job.held_back is peer:
                 self.put_back(job)
                 kinds.add(job.kind)
         for kind in kinds:
             self.kick(kind)
 
     def release_held_back(self, job):
-        """job was set aside for its paused owner but now has other
-        submitters (a join) or none: take it out of the owner's list."""
-        owner_list = job.owner.held_back if job.owner is not None else None
-        if owner_list is not None:
-            owner_list.pop(job, None)
+        """job was set aside for a paused submitter but others wait for it
+        now (a join, a background submission): back in line."""
+        job.held_back.held_back.pop(job, None)
         self.put_back(job)
 
     # -- results -------------------------------------------------------------

@@ -380,6 +380,127 @@ def test_a_set_aside_job_whose_owner_leaves_is_dropped_not_stuck(broker):
     assert broker.metrics()["types"]["echo"]["queued"] == 0
 
 
+def test_a_job_only_one_paused_connection_waits_for_is_set_aside_however_often_it_joined(broker):
+    """SPEC 5: joining its own unique job must not let a paused connection
+    make results pile up that it does not read."""
+    slow, sl = peer(broker)
+    broker.submit(slow, sub(1, unique="k"))
+    broker.submit(slow, sub("again", unique="k"))
+    broker.pause(slow)
+    w, wl = worker(broker)
+    assert wl.take() == []
+    assert broker.metrics()["types"]["echo"]["queued"] == 1
+    broker.resume(slow)
+    wid = wl.take()[0]["id"]
+    broker.did(w, wid, b"5", None)
+    assert sorted(sl.take(), key=lambda m: str(m["id"])) == [
+        {"cmd": "did", "id": 1, "res": 5}, {"cmd": "did", "id": "again", "res": 5}]
+
+
+def test_a_job_several_paused_connections_wait_for_waits_for_them_all_to_drain(broker):
+    a, al = peer(broker)
+    b, bl = peer(broker)
+    broker.submit(a, sub("a", unique="k"))
+    broker.submit(b, sub("b", unique="k"))
+    broker.pause(a)
+    broker.pause(b)
+    w, wl = worker(broker)
+    broker.resume(a)            # b is still paused: a's share is split off and goes
+    handed = wl.take()
+    assert len(handed) == 1
+    broker.did(w, handed[0]["id"], b"1", None)
+    assert al.take() == [{"cmd": "did", "id": "a", "res": 1}] and bl.take() == []
+    broker.resume(b)            # b gets a run of its own
+    handed = wl.take()
+    assert len(handed) == 1
+    broker.did(w, handed[0]["id"], b"2", None)
+    assert bl.take() == [{"cmd": "did", "id": "b", "res": 2}]
+    m = broker.metrics()
+    assert m["jobs_queued"] == 0 and m["jobs_running"] == 0
+
+
+def test_a_paused_joiner_gets_a_run_of_its_own_and_holds_no_result_meanwhile(broker):
+    """A job others wait for goes ahead without its paused submitters; each
+    gets one result of its own, under its own id, once it drains."""
+    fast, fl = peer(broker)
+    slow, sl = peer(broker)
+    broker.submit(fast, sub("f", arg="work", unique="k", priority=3))
+    broker.submit(slow, sub("s", unique="k"))
+    broker.pause(slow)
+    w, wl = worker(broker)
+    [do] = wl.take()
+    broker.did(w, do["id"], b'"first"', None)
+    assert fl.take() == [{"cmd": "did", "id": "f", "res": "first"}]
+    assert sl.take() == []                  # nothing piled up for the paused one
+    assert broker.metrics()["types"]["echo"]["queued"] == 1
+    broker.resume(slow)
+    [again] = wl.take()
+    assert again["arg"] == "work" and again["id"] != do["id"]
+    assert w.held[again["id"]].priority == 3
+    broker.did(w, again["id"], b'"second"', None)
+    assert sl.take() == [{"cmd": "did", "id": "s", "res": "second"}]
+    m = broker.metrics()
+    assert m["jobs_queued"] == 0 and m["jobs_running"] == 0 and m["jobs_done"] == 2
+
+
+def test_a_paused_owner_of_a_job_others_joined_is_split_off_too(broker):
+    slow, sl = peer(broker)
+    fast, fl = peer(broker)
+    broker.submit(slow, sub("s", unique="k"))
+    broker.submit(fast, sub("f", unique="k"))
+    broker.pause(slow)
+    w, wl = worker(broker)
+    [do] = wl.take()
+    broker.did(w, do["id"], b"1", None)
+    assert fl.take() == [{"cmd": "did", "id": "f", "res": 1}] and sl.take() == []
+    broker.submit(fast, sub("f2", unique="k"))      # the key is free again: a new job
+    [do2] = wl.take()
+    broker.did(w, do2["id"], b"2", None)
+    assert fl.take() == [{"cmd": "did", "id": "f2", "res": 2}]
+    broker.resume(slow)
+    [do3] = wl.take()
+    broker.did(w, do3["id"], b"3", None)
+    assert sl.take() == [{"cmd": "did", "id": "s", "res": 3}]
+
+
+def test_a_paused_joiner_of_a_background_job_is_split_off(broker):
+    submitter, _ = peer(broker)
+    slow, sl = peer(broker)
+    broker.submit(submitter, sub("bg", unique="k", bg=True))
+    broker.submit(slow, sub("s", unique="k"))
+    broker.pause(slow)
+    w, wl = worker(broker)
+    [do] = wl.take()                        # the bg job goes
+    broker.did(w, do["id"], b"1", None)
+    assert sl.take() == []
+    broker.resume(slow)
+    [do2] = wl.take()
+    broker.did(w, do2["id"], b"2", None)
+    assert sl.take() == [{"cmd": "did", "id": "s", "res": 2}]
+
+
+def test_a_split_off_job_is_cancelled_timed_out_or_abandoned_like_any_other(broker):
+    fast, _ = peer(broker)
+    slow, sl = peer(broker)
+    for n in range(3):
+        broker.submit(fast, sub("f%d" % n, unique="k%d" % n))
+        broker.submit(slow, sub(n, unique="k%d" % n, timeout=60))
+    broker.pause(slow)
+    w, wl = worker(broker, capacity=3)
+    assert len(wl.take()) == 3              # they go ahead for fast
+    assert broker.metrics()["types"]["echo"]["queued"] == 3     # slow's own, set aside
+    broker.cancel(slow, 0)
+    assert sl.take() == [{"cmd": "did", "id": 0, "err": "cancelled"}]
+    broker.deadline_passed(slow, 1)
+    assert sl.take() == [{"cmd": "did", "id": 1, "err": "timeout"}]
+    assert broker.metrics()["types"]["echo"]["queued"] == 1
+    broker.disconnect(slow)
+    m = broker.metrics()
+    assert m["types"]["echo"]["queued"] == 0 and m["jobs_abandoned"] == 1
+    broker.resume(slow)                     # too late: nothing is handed out for it
+    assert wl.take() == []
+
+
 def test_progress_for_a_paused_submitter_is_dropped(broker):
     client, cl = peer(broker)
     w, wl = worker(broker)

@@ -138,6 +138,57 @@ def test_non_reading_submitter_is_paused_others_keep_going(start_server):
     assert not w.errors, w.errors[:3]
 
 
+@pytest.mark.parametrize("whose", ["its own", "a reading client's"])
+def test_joining_unique_jobs_does_not_get_around_backpressure(start_server, whose):
+    """SPEC 5, through `unique`: a client that never reads joins 600 jobs,
+    twice each of its own or once each of a client that reads. Results of
+    100 KB must not pile up for it (60 MB if they did): the jobs only it
+    waits for are set aside, and it gets its own run of the others once it
+    reads. Then every submission gets exactly one result."""
+    srv = start_server("--high-water", "65536")
+    mon = srv.connect(timeout=30)
+    n = 600
+    slow = small_buffer_socket(srv.port, rcvbuf=4096)
+    if whose == "its own":
+        lines = [line(do(i, "t", i, unique="k%d" % i)) + line(do("again%d" % i, "t", i, unique="k%d" % i))
+                 for i in range(n)]
+    else:
+        fast = srv.connect(timeout=30)
+        fast.send_raw(b"".join(line(do(i, "t", i, unique="k%d" % i)) for i in range(n)))
+        wait_for(lambda: mon.metrics()["jobs_added"] == n, 10, what="the reader's jobs")
+        lines = [line(do(i, "t", i, unique="k%d" % i)) for i in range(n)]
+    slow.sendall(b"".join(lines))
+    wait_for(lambda: mon.metrics()["jobs_coalesced"] == n, 10, what="the joins")
+    watch = RssWatch(srv.proc.pid)
+    watch.start()
+    w = EchoWorker(srv, "t", capacity=8, result=lambda arg: "r" * 100000)
+    w.start()
+    try:
+        if whose == "its own":
+            dispatched = wait_stalled(mon, lambda m: m["jobs_dispatched"])
+            assert dispatched < n / 4, "%d of %d jobs handed out for a client that never reads" % (
+                dispatched, n)
+        else:
+            got = {}
+            while len(got) < n:
+                msg = fast.recv(timeout=30)
+                assert msg["cmd"] == "did", msg
+                got[msg["id"]] = msg
+            wait_stalled(mon, lambda m: m["jobs_dispatched"])
+        growth = watch.growth_mib()
+        assert growth < 30, "server RSS grew %.0f MiB for a client that never reads" % growth
+        want = n * 2 if whose == "its own" else n
+        dids = read_dids(slow, want, timeout=60)
+        assert all(msg["res"] == "r" * 100000 for msg in dids.values())
+        assert len(dids) == want
+        m = wait_stalled(mon, lambda m: (m["jobs_queued"], m["jobs_running"]))
+        assert m == (0, 0)
+    finally:
+        w.stop()
+        slow.close()
+    assert not w.errors, w.errors[:3]
+
+
 def test_non_reading_connection_stops_being_read(start_server):
     """Once a client's unsent output is past the high-water mark, the server
     stops reading from it: what it sends next stays in the socket buffers
