@@ -146,7 +146,8 @@ def split_lines(data, start=0):
 
 
 def line_is_blank(line):
-    return not line.strip()
+    """Only JSON's white space (form feed and vertical tab are not)."""
+    return not line.strip(b" \t\r")
 
 
 def decode_line(line):
@@ -403,7 +404,7 @@ def parse_do(msg, line):
     job.priority = field_optional(msg, "priority", int, 0, id)
     job.bg = 1 if field_optional(msg, "bg", bool, False, id) else 0
     job.unique = msg.get("unique")
-    if job.unique is not None and type(job.unique) is not str:
+    if type(job.unique) is not str and "unique" in msg:
         raise ProtocolError('"unique" must be a string', id)
     job.ttr = field_seconds(msg, "ttr", id)
     job.timeout = field_seconds(msg, "timeout", id)
@@ -1571,6 +1572,8 @@ class Connection:
     def on_progress(self, msg, line):
         wid = field_wid(msg)
         self.broker.held_job(self.peer, wid)
+        if "data" not in msg:
+            raise ProtocolError('"data" is missing', wid)
         self.broker.progress(self.peer, wid, encode_payload(msg, "data", line))
 
     def on_release(self, msg, line):
@@ -1578,15 +1581,23 @@ class Connection:
 
     def on_auth(self, msg, line):
         secret = msg.get("secret")
-        if type(secret) is not str:
-            raise ProtocolError('"secret" must be a string')
         expected = self.server.secret
-        if expected is not None and not hmac.compare_digest(secret.encode(), expected.encode()):
+        if type(secret) is not str:
+            self.fail_auth('"secret" must be a string')
+        if expected is not None and not hmac.compare_digest(
+                secret.encode("utf-8", "surrogatepass"), expected.encode()):
             log.warning("%s: authentication failed", self.name)
-            raise ProtocolError("authentication failed")
+            self.fail_auth("authentication failed")
         if not self.peer.authed:
             self.authenticated()
         self.send(b'{"cmd":"auth","ok":true}\r\n')
+
+    def fail_auth(self, text):
+        """Raises. With a secret, a wrong one ends the connection (SPEC 8),
+        even one that gave the right one before."""
+        if self.server.secret is not None:
+            self.close()
+        raise ProtocolError(text)
 
     # -- writing -------------------------------------------------------------
 
@@ -2130,10 +2141,22 @@ def read_secret(args, environ):
     elif args["--secret"] is not None:
         secret = args["--secret"]
     else:
-        secret = environ.get("DEPUTY_SECRET") or None
+        secret = environ.get("DEPUTY_SECRET")     # set but empty is a mistake, not "no secret"
     if secret is not None and not secret:
         raise UsageError("the secret is empty")
+    if secret is not None and not is_utf8(secret):
+        raise UsageError("the secret is not valid UTF-8: no client could send it")
     return secret
+
+
+def is_utf8(text):
+    """False for a str made of undecodable bytes (argv and the environment
+    keep them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def tls_context(args):

@@ -397,7 +397,7 @@ def test_unique_joined_submitter_timeout_only_detaches(server, connect):
     s1.expect("did", id="one", res="r")
 
 
-@pytest.mark.parametrize("bad", [5, ["k"], True, {"k": 1}], ids=repr)
+@pytest.mark.parametrize("bad", [5, ["k"], True, {"k": 1}, None], ids=repr)
 def test_unique_ill_typed_refused(refused, bad):
     refused(unique=bad)
 
@@ -731,6 +731,20 @@ def test_progress_reaches_the_submitter(server, connect):
     w.send(progress(j["id"], 1))
     expect_error(w, id=j["id"])
     assert s.nothing_within(0.1)
+
+
+def test_progress_without_data_is_refused(server, connect):
+    """SPEC 1: a missing field gets an error (only `arg` defaults to null)."""
+    w = worker(server, "t")
+    s = connect()
+    s.send(do("p", "t", "x"))
+    j = take_job(w, "t")
+    w.send({"cmd": "progress", "id": j["id"]})
+    msg = expect_error(w, id=j["id"])
+    assert "data" in msg["error"]
+    assert s.nothing_within(0.1)
+    w.send(progress(j["id"], None))         # null is a value: passed on
+    assert s.expect("progress", id="p")["data"] is None
 
 
 def test_progress_for_bg_job_goes_nowhere(server, connect):

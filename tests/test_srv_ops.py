@@ -124,6 +124,57 @@ def test_wrong_secret_then_commands_on_same_connection_get_nothing(secret_server
     assert "ops-never" not in m["types"]
 
 
+@pytest.mark.parametrize("secret", ["wrong", 12345])
+def test_a_wrong_secret_after_a_right_one_is_refused_and_closed(secret_server, secret):
+    """SPEC 8: a wrong secret gets an error and the connection is closed,
+    whatever came before it."""
+    c = authed(secret_server)
+    c.send(auth(secret), {"cmd": "metrics"})
+    refused_and_closed(c)
+
+
+def test_auth_again_with_the_right_secret_is_answered_ok(secret_server):
+    c = authed(secret_server)
+    c.send(auth(SECRET))
+    c.expect("auth", ok=True)
+    sync_quiet(c)
+
+
+def start_failing(argv=(), env=None):
+    """Run the server program expecting it to refuse to start: -> stderr."""
+    import subprocess
+    import sys
+    from conftest import ROOT, SERVER
+    from rawhelpers import free_port
+    full_env = dict(os.environ)
+    full_env.pop("DEPUTY_SECRET", None)
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, SERVER, "-p", str(free_port())] + list(argv),
+                          capture_output=True, timeout=10, cwd=ROOT, env=full_env)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode not in (0, None) and "Traceback" not in err, err
+    assert len([x for x in err.splitlines() if x.strip()]) == 1, err
+    return err
+
+
+@pytest.mark.parametrize("where", ["--secret", "DEPUTY_SECRET"])
+def test_a_secret_that_is_not_utf8_is_refused_at_start(where):
+    """No client could send it (a JSON string is UTF-8): refused, not a
+    server that starts and then fails every auth with a traceback."""
+    secret = os.fsdecode(b"ab\xffcd")        # the bytes, as argv and environ give them
+    if where == "--secret":
+        err = start_failing(["--secret", secret])
+    else:
+        err = start_failing(env={"DEPUTY_SECRET": secret})
+    assert "UTF-8" in err and "ab\ufffdcd" not in err
+
+
+def test_an_empty_deputy_secret_is_refused_at_start():
+    """Set but empty is a mistake (an unfilled template, say), not a wish
+    to run without a secret."""
+    assert "empty" in start_failing(env={"DEPUTY_SECRET": ""})
+
+
 def test_secret_from_environment(start_server):
     srv = start_server(env={"DEPUTY_SECRET": SECRET})
     c = srv.connect()

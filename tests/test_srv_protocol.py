@@ -97,6 +97,17 @@ def test_blank_lines_ignored(conn):
     assert c.nothing_within(0.3), "blank lines must get no reply"
 
 
+@pytest.mark.parametrize("space", [b"\f", b"\v", b" \x0c ", b"\x00"], ids=repr)
+def test_a_line_of_what_json_does_not_call_white_space_is_refused(conn, space):
+    """Blank is JSON's white space: space, tab, CR. A form feed is not."""
+    c = conn()
+    c.send_raw(space + b"\r\n" + b" \t \r\n")
+    expect_error(c)
+    assert c.nothing_within(0.2)
+    c.send({"cmd": "metrics"})
+    c.expect("metrics")
+
+
 def test_message_split_across_packets(conn):
     c = conn()
     data = b'{"cmd":"metrics"}\r\n'
