@@ -214,7 +214,11 @@ def ssl_context_for(tls):
     if tls is True:
         return ssl.create_default_context()
     if isinstance(tls, str):
-        return ssl.create_default_context(cafile=tls)
+        try:
+            return ssl.create_default_context(cafile=tls)
+        except (OSError, ssl.SSLError) as error:     # (ssl.SSLError is an OSError)
+            raise DeputyError("cannot use %r as the CA file for tls: %s"
+                              % (tls, describe(error))) from None
     if isinstance(tls, ssl.SSLContext):
         return tls
     raise DeputyError("tls must be True, a CA file name or an ssl.SSLContext")
@@ -320,6 +324,7 @@ class Connection:
         self._wake = gevent.event.Event()
         self._closing = False
         self._writer = None
+        self._writing = False      # the writer is in a send
         self._sock = None
         self._retry = gevent.event.Event()     # set: end a back-off wait now
         self._greenlet = gevent.spawn(self._run)
@@ -351,12 +356,23 @@ class Connection:
                 out = self._out
                 if out:
                     self._out = []
+                    self._writing = True
                     send_all(sock, b"".join(out))
+                    self._writing = False
                 if self._closing and not self._out:
                     return
         except OSError as error:
             log.debug("%s: write failed: %s", self.label, error)
             shut_down(sock)
+        finally:
+            self._writing = False
+
+    def wait_written(self, timeout):
+        """Wait until the writer has given everything queued to the kernel
+        (or the connection is down, or timeout seconds passed)."""
+        with gevent.Timeout(timeout, False):
+            while self.connected and (self._out or self._writing):
+                gevent.sleep(0.001)
 
     # -- connecting ---------------------------------------------------------
 
@@ -1007,6 +1023,7 @@ class Worker:
             log.info("job %s failed: %s", task.wid, text, exc_info=log.isEnabledFor(logging.DEBUG))
             self._finish(task, self._did_line(task.wid, b"err", text))
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                task.conn.wait_written(CLOSE_FLUSH_TIMEOUT)     # the program may end now
                 raise
         else:
             self._finish(task, self._did_line(task.wid, b"res", result))
@@ -1386,11 +1403,11 @@ class Client:
         waiting for a server is sent before the client closes, if a server
         is up within CLOSE_FLUSH_TIMEOUT."""
         self._end_startup()
-        for conn in self.connections:
-            conn.retry_now()
         with gevent.Timeout(CLOSE_FLUSH_TIMEOUT, False):
             while self._fatal is None and any(job.bg for job in self._backlog.values()):
-                gevent.sleep(0.01)
+                for conn in self.connections:   # down: try again now, whatever its back-off
+                    conn.retry_now()
+                gevent.sleep(0.05)
 
     def _why_down(self):
         errors = ["%s: %s" % (c.label, describe(c.last_error))
@@ -1401,6 +1418,11 @@ class Client:
         """Write what is buffered, close every connection, kill running
         handlers; jobs without a result fail with ClientClosed."""
         if self.closed or self._closing:
+            return
+        if gevent.getcurrent() is gevent.get_hub():
+            # A signal handler (signal.signal) or a loop callback: the hub
+            # must not block, so the closing waits run in a greenlet.
+            gevent.spawn(self.close)
             return
         self._closing = True
         try:
@@ -1713,15 +1735,18 @@ def command_status(client, args):
         return 0
     interval = cli_number(args, "--interval", float, 0.05)
     clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    stop = gevent.event.Event()
+    gevent.signal_handler(signal.SIGTERM, stop.set)
     try:
-        watch_status(client, interval, clear)
+        watch_status(client, interval, clear, stop)
     except KeyboardInterrupt:
         pass
     return 0
 
 
-def watch_status(client, interval, clear):
-    while True:
+def watch_status(client, interval, clear, stop):
+    """Print the table every interval seconds until stop is set."""
+    while not stop.is_set():
         try:
             table = status_table(client)
         except DeputyError as error:
@@ -1733,7 +1758,7 @@ def watch_status(client, interval, clear):
         if not clear:
             sys.stdout.write("\n")
         sys.stdout.flush()
-        gevent.sleep(interval)
+        stop.wait(interval)
 
 
 STATUS_COLUMNS = ("queued", "running", "workers", "idle")

@@ -361,6 +361,78 @@ def test_system_exit_in_a_handler_fails_its_job_then_reaches_the_main_greenlet(
     assert submitter.call(t, "next", timeout=WAIT) == "next"
 
 
+ENDING_WORKER_SCRIPT = textwrap.dedent("""
+    import signal, sys
+    sys.path.insert(0, %r)
+    from deputy_client import Client
+    worker = Client(sys.argv[1])
+    def handler(arg):
+        if arg == "exit":
+            sys.exit("bye")
+        if arg == "interrupt":
+            raise KeyboardInterrupt
+        return arg
+    worker.can_do({sys.argv[2]: handler})
+    if sys.argv[3] == "signal":
+        signal.signal(signal.SIGTERM, lambda *args: worker.close())
+    print("working", flush=True)
+    worker.work()
+    print("work() returned", flush=True)
+""" % ROOT)
+
+
+def start_worker_script(server, t, how):
+    return subprocess.Popen([sys.executable, "-c", ENDING_WORKER_SCRIPT, server.address, t, how],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("arg, error", [("exit", "SystemExit: bye"),
+                                        ("interrupt", "KeyboardInterrupt")])
+def test_a_program_ended_by_its_handler_still_fails_the_job(shared_server, clients, arg, error):
+    """README's worker shape, without `with`: the exception ends the
+    program, and the job's error reached the server first (not a lost
+    worker whose job runs again)."""
+    t = job_type()
+    proc = start_worker_script(shared_server, t, "plain")
+    try:
+        assert proc.stdout.readline() == "working\n"
+        submitter = clients(shared_server.address)
+        job = submitter.do(t, arg)
+        with pytest.raises(JobFailed) as failed:
+            job.get(WAIT)
+        assert failed.value.error == error
+        assert proc.wait(WAIT) != 0
+        figures = submitter.metrics()["types"][t]
+        assert figures["failed"] == 1 and figures["queued"] == 0 and figures["running"] == 0
+    finally:
+        proc.kill()
+        proc.communicate()
+
+
+def test_close_from_a_plain_signal_handler_ends_work(shared_server):
+    """README: work() blocks until close() is called, from a signal handler
+    too: one installed with signal.signal runs in gevent's hub, which must
+    not block."""
+    proc = start_worker_script(shared_server, job_type(), "signal")
+    try:
+        assert proc.stdout.readline() == "working\n"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=WAIT)
+        assert proc.returncode == 0, err
+        assert out == "work() returned\n" and "Traceback" not in err
+    finally:
+        proc.kill()
+
+
+def test_a_bad_ca_file_is_a_deputy_error(tmp_path):
+    not_pem = tmp_path / "not-a-ca.pem"
+    not_pem.write_text("hello\n")
+    for ca in (str(tmp_path / "absent.pem"), str(not_pem)):
+        with pytest.raises(DeputyError, match="CA file"):
+            Client("127.0.0.1:1", tls=ca)
+
+
 def test_job_cancelled_gets_past_except_exception_in_a_handler(shared_server, clients):
     assert issubclass(JobCancelled, gevent.GreenletExit)
     assert not issubclass(JobCancelled, Exception)
@@ -636,6 +708,26 @@ def test_a_bg_job_is_sent_by_close_after_an_outage_with_a_long_back_off(start_se
     server = start_server(port=port)
     client.close()
     assert clients(server.address).metrics()["types"][t]["queued"] == 1
+
+
+def test_a_bg_job_is_sent_by_close_to_a_server_that_comes_up_while_it_waits(start_server,
+                                                                            clients):
+    """README: close() sends it if a server can be reached within 2 s; a
+    down server is tried again and again meanwhile, not after its back-off
+    (which is 10-20 s away here)."""
+    port = free_port()
+    t = job_type()
+    client = deputy_client.Client("127.0.0.1:%d" % port, backoff_max=30)
+    client.backoff_initial = 20
+    wait_until(lambda: client.connections[0].last_error is not None, what="a failed attempt")
+    client.do(t, "fire and forget", bg=True)
+    servers = []
+    starter = gevent.spawn_later(0.4, lambda: servers.append(start_server(port=port)))
+    started = time.monotonic()
+    client.close()
+    assert time.monotonic() - started < 2
+    starter.join(WAIT)
+    assert clients(servers[0].address).metrics()["types"][t]["queued"] == 1
 
 
 def test_close_from_a_second_greenlet_while_the_first_waits_is_harmless(clients):

@@ -253,6 +253,25 @@ def test_status_watch_redraws_until_stopped(shared_server):
         watcher.stderr.close()
 
 
+def test_status_watch_ends_with_0_on_sigterm(shared_server):
+    """README: work and status --watch run until stopped, so Ctrl-C or
+    SIGTERM is how they end: exit 0."""
+    watcher = start_cli("-a", shared_server.address, "status", "--watch", "--interval", "0.1",
+                        stdout=gevent.subprocess.PIPE, stderr=gevent.subprocess.PIPE,
+                        text=True)
+    try:
+        with gevent.Timeout(WAIT):
+            while watcher.stdout.readline().split()[:1] != ["TYPE"]:
+                pass
+        watcher.send_signal(signal.SIGTERM)
+        assert watcher.wait(WAIT) == 0
+        assert watcher.stderr.read() == ""
+    finally:
+        stop_process(watcher)
+        watcher.stdout.close()
+        watcher.stderr.close()
+
+
 def test_status_watch_keeps_watching_while_the_server_is_down(start_server):
     port = free_port()
     watcher = start_cli("-a", "127.0.0.1:%d" % port, "status", "--watch", "--interval", "0.1",
