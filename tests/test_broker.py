@@ -56,6 +56,13 @@ def worker(broker, types=("echo",), capacity=None):
     return p, link
 
 
+def answer_the_job_handed_out(broker, w, wl, res_json):
+    """The worker w was handed exactly one job: answer it with res_json."""
+    [do] = wl.take()
+    broker.did(w, do["id"], res_json, None)
+    return do
+
+
 def test_jobs_of_one_type_go_out_in_submission_order(broker):
     client, _ = peer(broker)
     for i in range(5):
@@ -428,8 +435,7 @@ def test_a_paused_joiner_gets_a_run_of_its_own_and_holds_no_result_meanwhile(bro
     broker.submit(slow, sub("s", unique="k"))
     broker.pause(slow)
     w, wl = worker(broker)
-    [do] = wl.take()
-    broker.did(w, do["id"], b'"first"', None)
+    do = answer_the_job_handed_out(broker, w, wl, b'"first"')
     assert fl.take() == [{"cmd": "did", "id": "f", "res": "first"}]
     assert sl.take() == []                  # nothing piled up for the paused one
     assert broker.metrics()["types"]["echo"]["queued"] == 1
@@ -450,16 +456,13 @@ def test_a_paused_owner_of_a_job_others_joined_is_split_off_too(broker):
     broker.submit(fast, sub("f", unique="k"))
     broker.pause(slow)
     w, wl = worker(broker)
-    [do] = wl.take()
-    broker.did(w, do["id"], b"1", None)
+    answer_the_job_handed_out(broker, w, wl, b"1")
     assert fl.take() == [{"cmd": "did", "id": "f", "res": 1}] and sl.take() == []
     broker.submit(fast, sub("f2", unique="k"))      # the key is free again: a new job
-    [do2] = wl.take()
-    broker.did(w, do2["id"], b"2", None)
+    answer_the_job_handed_out(broker, w, wl, b"2")
     assert fl.take() == [{"cmd": "did", "id": "f2", "res": 2}]
     broker.resume(slow)
-    [do3] = wl.take()
-    broker.did(w, do3["id"], b"3", None)
+    answer_the_job_handed_out(broker, w, wl, b"3")
     assert sl.take() == [{"cmd": "did", "id": "s", "res": 3}]
 
 
@@ -470,12 +473,10 @@ def test_a_paused_joiner_of_a_background_job_is_split_off(broker):
     broker.submit(slow, sub("s", unique="k"))
     broker.pause(slow)
     w, wl = worker(broker)
-    [do] = wl.take()                        # the bg job goes
-    broker.did(w, do["id"], b"1", None)
+    answer_the_job_handed_out(broker, w, wl, b"1")      # the bg job goes
     assert sl.take() == []
     broker.resume(slow)
-    [do2] = wl.take()
-    broker.did(w, do2["id"], b"2", None)
+    answer_the_job_handed_out(broker, w, wl, b"2")
     assert sl.take() == [{"cmd": "did", "id": "s", "res": 2}]
 
 

@@ -697,13 +697,19 @@ def test_metrics_of_a_server_back_during_a_long_back_off_are_had_at_once(start_s
     assert time.monotonic() - started < 2
 
 
+def client_in_a_long_back_off(port):
+    """A client of a server that is down, its next attempt 10-20 s away."""
+    client = deputy_client.Client("127.0.0.1:%d" % port, backoff_max=30)
+    client.backoff_initial = 20         # (read when its connection starts)
+    wait_until(lambda: client.connections[0].last_error is not None, what="a failed attempt")
+    return client
+
+
 def test_a_bg_job_is_sent_by_close_after_an_outage_with_a_long_back_off(start_server,
                                                                          clients):
     port = free_port()
     t = job_type()
-    client = deputy_client.Client("127.0.0.1:%d" % port, backoff_max=30)
-    client.backoff_initial = 20
-    wait_until(lambda: client.connections[0].last_error is not None, what="a failed attempt")
+    client = client_in_a_long_back_off(port)
     client.do(t, "fire and forget", bg=True)
     server = start_server(port=port)
     client.close()
@@ -717,9 +723,7 @@ def test_a_bg_job_is_sent_by_close_to_a_server_that_comes_up_while_it_waits(star
     (which is 10-20 s away here)."""
     port = free_port()
     t = job_type()
-    client = deputy_client.Client("127.0.0.1:%d" % port, backoff_max=30)
-    client.backoff_initial = 20
-    wait_until(lambda: client.connections[0].last_error is not None, what="a failed attempt")
+    client = client_in_a_long_back_off(port)
     client.do(t, "fire and forget", bg=True)
     servers = []
     starter = gevent.spawn_later(0.4, lambda: servers.append(start_server(port=port)))
