@@ -688,10 +688,12 @@ class Broker:
         # are not handed out again (SPEC 2.6: never handed out); the queued
         # ones before the running ones, because cancelling a running unique
         # job frees a worker, which must not be handed one of them.
-        queued = [entry for entry in peer.jobs.items() if entry[1].state != RUNNING]
-        running = [entry for entry in peer.jobs.items() if entry[1].state == RUNNING]
-        for sub_id, job in queued + running:
-            self.detach(peer, sub_id, job, cancel_running=False)
+        queued = [sub_id for sub_id, job in peer.jobs.items() if job.state != RUNNING]
+        running = [sub_id for sub_id, job in peer.jobs.items() if job.state == RUNNING]
+        for sub_id in queued + running:
+            # Looked up again: a detach can split off a job of its own for
+            # another of peer's ids (two ids joined to one job).
+            self.detach(peer, sub_id, peer.jobs[sub_id], cancel_running=False)
         self.requeue_lost(peer)
 
     def kind(self, name):
@@ -935,7 +937,8 @@ class Broker:
         left). The job itself ends only when nobody else waits for it."""
         del peer.jobs[sub_id]
         self.stop_deadline(peer, sub_id)
-        if job.held_back is peer:       # set aside for peer: back in line, for any others
+        was_set_aside = job.held_back is peer
+        if was_set_aside:               # back in line, for whoever else waits for it
             peer.held_back.pop(job, None)
             self.put_back(job)
         if job.owner is peer and job.owner_id == sub_id:
@@ -944,6 +947,8 @@ class Broker:
             job.joined = [entry for entry in job.joined
                           if not (entry[0] is peer and entry[1] == sub_id)]
         if job.wanted():
+            if was_set_aside:           # it may go ahead now, for the others
+                self.kick(job.kind)
             return
         if not cancel_running:
             self.counters.jobs_abandoned += 1

@@ -502,6 +502,132 @@ def test_a_split_off_job_is_cancelled_timed_out_or_abandoned_like_any_other(brok
     assert wl.take() == []
 
 
+def test_a_job_set_aside_for_a_submitter_that_cancels_goes_ahead_for_the_others(broker):
+    """(Found by the model check below.) Set aside for its paused owner
+    while a paused joiner waits too; the joiner drains, the owner cancels:
+    the job goes to the idle worker at once, not never."""
+    owner, _ = peer(broker)
+    joiner, jl = peer(broker)
+    broker.submit(owner, sub("o", unique="k"))
+    broker.submit(joiner, sub("j", unique="k"))
+    broker.pause(owner)
+    broker.pause(joiner)
+    w, wl = worker(broker)
+    assert wl.take() == []
+    broker.resume(joiner)           # the job is set aside for the owner, not for it
+    broker.cancel(owner, "o")
+    answer_the_job_handed_out(broker, w, wl, b"1")
+    assert jl.take() == [{"cmd": "did", "id": "j", "res": 1}]
+
+
+def test_a_departing_connection_that_joined_one_job_twice_leaves_nothing_behind(broker):
+    """(Found by the model check below.) Its first id's detach lets the job
+    go ahead for another submitter and splits off a job of its own for the
+    second id: that one is dropped too, not left set aside for nobody."""
+    twice, _ = peer(broker)
+    other, ol = peer(broker)
+    broker.submit(twice, sub("a", unique="k"))
+    broker.submit(twice, sub("b", unique="k"))
+    broker.submit(other, sub("o", unique="k"))
+    broker.pause(twice)
+    broker.pause(other)
+    w, wl = worker(broker)
+    broker.resume(other)            # the job stays set aside for `twice`
+    assert wl.take() == []
+    broker.disconnect(twice)
+    answer_the_job_handed_out(broker, w, wl, b"1")
+    assert ol.take() == [{"cmd": "did", "id": "o", "res": 1}]
+    m = broker.metrics()
+    assert m["jobs_queued"] == 0 and m["jobs_running"] == 0 and twice.held_back == {}
+
+
+@pytest.mark.parametrize("seed", range(500))
+def test_random_pauses_joins_and_losses_still_give_each_submission_one_result(seed):
+    """A model check of backpressure with unique: random submissions (some
+    joining each other, some bg), pauses, resumes, results, releases, lost
+    workers, cancels and departures; then everyone drains and every job is
+    answered. Each submission still waiting gets exactly one did, nothing
+    stays queued, running or set aside."""
+    rng = random.Random(seed)
+    broker = Broker(max_attempts=100)
+    submitters = [peer(broker) for _ in range(3)]
+    workers = []
+
+    def add_worker():
+        workers.append(worker(broker, capacity=rng.choice([1, 2])))
+
+    add_worker()
+    waiting, gone, dids = set(), set(), {}
+
+    def read_results():
+        for index, (_, link) in enumerate(submitters):
+            for msg in link.take():
+                key = (index, msg["id"])
+                dids[key] = dids.get(key, 0) + 1
+
+    for number in range(60):
+        index = rng.randrange(len(submitters))
+        client = submitters[index][0]
+        if index in gone:
+            continue
+        choice = rng.random()
+        if choice < 0.35:
+            options = {}
+            if rng.random() < 0.8:
+                options["unique"] = rng.choice("abc")
+            if rng.random() < 0.1:
+                options["bg"] = True
+            broker.submit(client, sub(number, **options))
+            if not options.get("bg"):
+                waiting.add((index, number))
+        elif choice < 0.5:
+            broker.pause(client)
+        elif choice < 0.6:
+            if client.paused:
+                broker.resume(client)
+        elif choice < 0.8:
+            w, wl = rng.choice([entry for entry in workers if not entry[0].closed])
+            wl.take()
+            if w.held:
+                wid = rng.choice(list(w.held))
+                roll = rng.random()
+                if roll < 0.7:
+                    broker.did(w, wid, b"1", None)
+                elif roll < 0.85:
+                    broker.release(w, wid)
+                else:
+                    broker.disconnect(w)
+                    add_worker()
+        elif choice < 0.88:
+            mine = [key[1] for key in waiting if key[0] == index and key[1] in client.jobs]
+            if mine:
+                broker.cancel(client, rng.choice(mine))
+        elif choice < 0.92:
+            broker.disconnect(client)
+            gone.add(index)
+        read_results()
+    for index, (client, _) in enumerate(submitters):
+        if client.paused and index not in gone:
+            broker.resume(client)
+    for _ in range(200):
+        answered = 0
+        for w, wl in workers:
+            wl.take()
+            for wid in list(w.held):
+                broker.did(w, wid, b"1", None)
+                answered += 1
+        if not answered:
+            break
+    read_results()
+    assert all(count == 1 for count in dids.values())
+    assert all(dids.get(key) == 1 for key in waiting if key[0] not in gone)
+    m = broker.metrics()
+    assert m["jobs_queued"] == 0 and m["jobs_running"] == 0
+    for index, (client, _) in enumerate(submitters):
+        if index not in gone:
+            assert client.jobs == {} and client.held_back == {}
+
+
 def test_progress_for_a_paused_submitter_is_dropped(broker):
     client, cl = peer(broker)
     w, wl = worker(broker)
