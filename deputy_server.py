@@ -471,7 +471,7 @@ class Job:
         self.joined = None
         self.bg = 0                     # background submissions keeping it alive
         self.bg_deadlines = None        # their timeout timers, if any
-        self.held_back = None           # queued, but set aside for this paused submitter
+        self.held_back = None           # queued, but set aside for these paused submitters
         self.unique = None
         self.ttr = None
         self.timeout = None             # the submission's: starts its deadline
@@ -786,16 +786,19 @@ class Broker:
         paused = [entry for entry in waiting if entry[0].paused]
         if len(paused) == len(waiting) and not job.bg:
             job.kind.queue.pop_head()
-            self.set_aside(job, paused[0][0])
+            # Under each of them: the first to drain brings it back.
+            self.set_aside(job, list(dict.fromkeys(peer for peer, _ in paused)))
             return False
         for peer, sub_id in paused:
             self.split_off(job, peer, sub_id)
         return True
 
-    def set_aside(self, job, peer):
-        """Keep a queued job out of its queue until peer, paused, drains."""
-        job.held_back = peer
-        peer.held_back[job] = None
+    def set_aside(self, job, peers):
+        """Keep a queued job out of its queue until one of peers, all paused,
+        drains."""
+        job.held_back = peers
+        for peer in peers:
+            peer.held_back[job] = None
 
     def split_off(self, job, peer, sub_id):
         """peer stops waiting for job under sub_id and waits for a job of its
@@ -806,10 +809,13 @@ class Broker:
             job.joined.remove((peer, sub_id))
         own = peer.jobs[sub_id] = job.copy_for(peer, sub_id)
         job.kind.queued += 1
-        self.set_aside(own, peer)
+        self.set_aside(own, [peer])
 
     def put_back(self, job):
-        """A set-aside job returns to the front of its queue."""
+        """A set-aside job returns to the front of its queue, to be looked at
+        again: whoever of its submitters is still paused is split off then."""
+        for peer in job.held_back:
+            peer.held_back.pop(job, None)
         job.held_back = None
         job.kind.queue.push_front(job)
 
@@ -921,7 +927,7 @@ class Broker:
     def unhold(self, job):
         """Others wait for a set-aside job now: it may go ahead again."""
         if job.held_back is not None:
-            self.release_held_back(job)
+            self.put_back(job)
             self.kick(job.kind)
 
     def cancel(self, peer, sub_id):
@@ -937,9 +943,8 @@ class Broker:
         left). The job itself ends only when nobody else waits for it."""
         del peer.jobs[sub_id]
         self.stop_deadline(peer, sub_id)
-        was_set_aside = job.held_back is peer
+        was_set_aside = job.held_back is not None and peer in job.held_back
         if was_set_aside:               # back in line, for whoever else waits for it
-            peer.held_back.pop(job, None)
             self.put_back(job)
         if job.owner is peer and job.owner_id == sub_id:
             job.owner = None
@@ -988,21 +993,15 @@ class Broker:
             del self.unique[(job.kind.name, job.unique)]
 
     def resume_submitter(self, peer):
-        """Its output drained: its set-aside jobs go back to the front."""
-        held_back, peer.held_back = peer.held_back, {}
+        """Its output drained: the jobs set aside for it (and perhaps for
+        other paused submitters too) go back to the front."""
+        held_back = list(peer.held_back)
         kinds = set()
         for job in reversed(held_back):
-            if job.held_back is peer:
-                self.put_back(job)
-                kinds.add(job.kind)
+            self.put_back(job)
+            kinds.add(job.kind)
         for kind in kinds:
             self.kick(kind)
-
-    def release_held_back(self, job):
-        """job was set aside for a paused submitter but others wait for it
-        now (a join, a background submission): back in line."""
-        job.held_back.held_back.pop(job, None)
-        self.put_back(job)
 
     # -- results -------------------------------------------------------------
 

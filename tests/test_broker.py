@@ -503,9 +503,9 @@ def test_a_split_off_job_is_cancelled_timed_out_or_abandoned_like_any_other(brok
 
 
 def test_a_job_set_aside_for_a_submitter_that_cancels_goes_ahead_for_the_others(broker):
-    """(Found by the model check below.) Set aside for its paused owner
-    while a paused joiner waits too; the joiner drains, the owner cancels:
-    the job goes to the idle worker at once, not never."""
+    """(Found by the model check below.) Set aside while its owner and a
+    joiner are both paused; the owner cancels: the job goes to the idle
+    worker as soon as the joiner drains, not never."""
     owner, _ = peer(broker)
     joiner, jl = peer(broker)
     broker.submit(owner, sub("o", unique="k"))
@@ -514,10 +514,33 @@ def test_a_job_set_aside_for_a_submitter_that_cancels_goes_ahead_for_the_others(
     broker.pause(joiner)
     w, wl = worker(broker)
     assert wl.take() == []
-    broker.resume(joiner)           # the job is set aside for the owner, not for it
     broker.cancel(owner, "o")
+    assert wl.take() == []          # the joiner is still paused
+    broker.resume(joiner)
     answer_the_job_handed_out(broker, w, wl, b"1")
     assert jl.take() == [{"cmd": "did", "id": "j", "res": 1}]
+
+
+def test_a_paused_joiner_that_drains_first_is_not_stuck_behind_a_paused_owner(broker):
+    """Whichever of the paused submitters drains first gets the job run; the
+    one still paused gets a run of its own once it drains."""
+    owner, ol = peer(broker)
+    joiner, jl = peer(broker)
+    broker.submit(owner, sub("o", unique="k"))
+    broker.submit(joiner, sub("j", unique="k"))
+    broker.pause(owner)
+    broker.pause(joiner)
+    w, wl = worker(broker)
+    assert wl.take() == []
+    broker.resume(joiner)
+    answer_the_job_handed_out(broker, w, wl, b"1")
+    assert jl.take() == [{"cmd": "did", "id": "j", "res": 1}] and ol.take() == []
+    assert owner.held_back and not joiner.held_back
+    broker.resume(owner)
+    answer_the_job_handed_out(broker, w, wl, b"2")
+    assert ol.take() == [{"cmd": "did", "id": "o", "res": 2}]
+    m = broker.metrics()
+    assert m["jobs_queued"] == 0 and m["jobs_running"] == 0 and owner.held_back == {}
 
 
 def test_a_departing_connection_that_joined_one_job_twice_leaves_nothing_behind(broker):
@@ -532,13 +555,34 @@ def test_a_departing_connection_that_joined_one_job_twice_leaves_nothing_behind(
     broker.pause(twice)
     broker.pause(other)
     w, wl = worker(broker)
-    broker.resume(other)            # the job stays set aside for `twice`
-    assert wl.take() == []
+    assert wl.take() == []          # set aside for both
     broker.disconnect(twice)
+    assert wl.take() == []          # other is still paused
+    broker.resume(other)
     answer_the_job_handed_out(broker, w, wl, b"1")
     assert ol.take() == [{"cmd": "did", "id": "o", "res": 1}]
     m = broker.metrics()
     assert m["jobs_queued"] == 0 and m["jobs_running"] == 0 and twice.held_back == {}
+
+
+def check_set_aside_and_idle(broker, submitters):
+    """The invariants of backpressure: a job is set aside exactly under its
+    submitters, all of them paused; a kind with an idle worker has no job in
+    its queue that could go; every queued job is in a queue or set aside."""
+    set_aside = {}
+    for client, _ in submitters:
+        for job in client.held_back:
+            set_aside[job] = None
+    for job in set_aside:
+        waiting = list(dict.fromkeys(entry[0] for entry in job.submitters()))
+        assert job.held_back == waiting and not job.bg
+        assert all(client.paused and job in client.held_back for client in waiting)
+    for kind in broker.kinds.values():
+        live = [job for jobs in kind.queue.by_priority.values() for job in jobs
+                if job.state == QUEUED]
+        assert not (kind.idle and live)
+        aside = [job for job in set_aside if job.kind is kind]
+        assert kind.queued == len(live) + len(aside)
 
 
 @pytest.mark.parametrize("seed", range(500))
@@ -547,7 +591,8 @@ def test_random_pauses_joins_and_losses_still_give_each_submission_one_result(se
     joining each other, some bg), pauses, resumes, results, releases, lost
     workers, cancels and departures; then everyone drains and every job is
     answered. Each submission still waiting gets exactly one did, nothing
-    stays queued, running or set aside."""
+    stays queued, running or set aside; check_set_aside_and_idle holds after
+    every step."""
     rng = random.Random(seed)
     broker = Broker(max_attempts=100)
     submitters = [peer(broker) for _ in range(3)]
@@ -606,6 +651,7 @@ def test_random_pauses_joins_and_losses_still_give_each_submission_one_result(se
             broker.disconnect(client)
             gone.add(index)
         read_results()
+        check_set_aside_and_idle(broker, submitters)
     for index, (client, _) in enumerate(submitters):
         if client.paused and index not in gone:
             broker.resume(client)
