@@ -502,11 +502,10 @@ def test_a_split_off_job_is_cancelled_timed_out_or_abandoned_like_any_other(brok
     assert wl.take() == []
 
 
-def test_a_job_set_aside_for_a_submitter_that_cancels_goes_ahead_for_the_others(broker):
-    """(Found by the model check below.) Set aside while its owner and a
-    joiner are both paused; the owner cancels: the job goes to the idle
-    worker as soon as the joiner drains, not never."""
-    owner, _ = peer(broker)
+def a_job_set_aside_for_two_paused_submitters(broker):
+    """An owner and a joiner of one unique job, both paused, and an idle
+    worker: the job is set aside."""
+    owner, ol = peer(broker)
     joiner, jl = peer(broker)
     broker.submit(owner, sub("o", unique="k"))
     broker.submit(joiner, sub("j", unique="k"))
@@ -514,6 +513,14 @@ def test_a_job_set_aside_for_a_submitter_that_cancels_goes_ahead_for_the_others(
     broker.pause(joiner)
     w, wl = worker(broker)
     assert wl.take() == []
+    return (owner, ol), (joiner, jl), (w, wl)
+
+
+def test_a_job_set_aside_for_a_submitter_that_cancels_goes_ahead_for_the_others(broker):
+    """(Found by the model check below.) Set aside while its owner and a
+    joiner are both paused; the owner cancels: the job goes to the idle
+    worker as soon as the joiner drains, not never."""
+    (owner, _), (joiner, jl), (w, wl) = a_job_set_aside_for_two_paused_submitters(broker)
     broker.cancel(owner, "o")
     assert wl.take() == []          # the joiner is still paused
     broker.resume(joiner)
@@ -524,14 +531,7 @@ def test_a_job_set_aside_for_a_submitter_that_cancels_goes_ahead_for_the_others(
 def test_a_paused_joiner_that_drains_first_is_not_stuck_behind_a_paused_owner(broker):
     """Whichever of the paused submitters drains first gets the job run; the
     one still paused gets a run of its own once it drains."""
-    owner, ol = peer(broker)
-    joiner, jl = peer(broker)
-    broker.submit(owner, sub("o", unique="k"))
-    broker.submit(joiner, sub("j", unique="k"))
-    broker.pause(owner)
-    broker.pause(joiner)
-    w, wl = worker(broker)
-    assert wl.take() == []
+    (owner, ol), (joiner, jl), (w, wl) = a_job_set_aside_for_two_paused_submitters(broker)
     broker.resume(joiner)
     answer_the_job_handed_out(broker, w, wl, b"1")
     assert jl.take() == [{"cmd": "did", "id": "j", "res": 1}] and ol.take() == []
