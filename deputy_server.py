@@ -244,10 +244,13 @@ def may_hold_inexact_number(value):
     return False
 
 
+INEXACT = object()      # stands for a number that orjson cannot have read exactly
+
+
 def _exact_int(text):
     number = int(text)
     if not -(2 ** 63) <= number < 2 ** 64:
-        raise OverflowError(text)
+        return INEXACT
     return number
 
 
@@ -255,19 +258,27 @@ def _exact_float(text):
     number = float(text)
     mantissa = text.lower().partition("e")[0]
     if number == 0.0 and mantissa.strip("-+0.") != "":
-        raise OverflowError(text)       # underflow: a non-zero number became 0
+        return INEXACT          # underflow: a non-zero number became 0
     return number
 
 
-def has_inexact_number(line):
-    """The slow, sure check: the standard library parser keeps big integers
-    and shows each number's literal."""
+def has_inexact_number(line, field):
+    """The slow, sure check of line's field: the standard library parser
+    keeps big integers and shows each number's literal. (Only that field:
+    a number in another one, say an unknown field, is not passed on.)"""
     try:
-        json.loads(line, parse_int=_exact_int, parse_float=_exact_float)
-    except OverflowError:
-        return True
+        msg = json.loads(line, parse_int=_exact_int, parse_float=_exact_float)
     except (ValueError, RecursionError):
         return False
+    stack = [msg.get(field)] if type(msg) is dict else []
+    while stack:
+        value = stack.pop()
+        if value is INEXACT:
+            return True
+        if type(value) is dict:
+            stack.extend(value.values())
+        elif type(value) is list:
+            stack.extend(value)
     return False
 
 
@@ -286,7 +297,7 @@ def encode_payload(msg, field, line, default=None):
         return b"%d" % value
     if kind in SCALARS:
         return dumps(value)
-    if may_hold_inexact_number(value) and has_inexact_number(line):
+    if may_hold_inexact_number(value) and has_inexact_number(line, field):
         raise ProtocolError("%s holds a number Deputy cannot carry exactly (an integer "
                             "beyond 64 bits, or too small for a double)" % field,
                             msg.get("id", NO_ID))
@@ -1765,6 +1776,31 @@ def prometheus_text(metrics):
     return "\n".join(out) + "\n"
 
 
+def process_text(start_time):
+    """The standard process_* series of Prometheus clients, so that the
+    usual dashboards and alerts (rate(process_cpu_seconds_total) near 1:
+    the server is out of CPU) work unchanged. Memory and file descriptors
+    where /proc tells them (Linux)."""
+    times = os.times()
+    series = [("cpu_seconds_total", "counter", "User and system CPU time spent.",
+               "%.3f" % (times.user + times.system)),
+              ("start_time_seconds", "gauge", "When the process started (Unix time).",
+               "%.3f" % start_time)]
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        series.append(("resident_memory_bytes", "gauge", "Resident memory size.", "%d" % rss))
+        series.append(("open_fds", "gauge", "Open file descriptors.",
+                       "%d" % len(os.listdir("/proc/self/fd"))))
+    except (OSError, ValueError, IndexError):
+        pass
+    out = []
+    for name, kind, text, value in series:
+        out += ["# HELP process_%s %s" % (name, text), "# TYPE process_%s %s" % (name, kind),
+                "process_%s %s" % (name, value)]
+    return "\n".join(out) + "\n"
+
+
 STATUS_PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Deputy status</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -1839,7 +1875,8 @@ class HttpApp:
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             return self.reply(start_response, "405 Method Not Allowed", "text/plain", b"GET only\n")
         if path == "/metrics":
-            body = prometheus_text(self.server.metrics()).encode()
+            metrics = self.server.metrics()
+            body = (prometheus_text(metrics) + process_text(metrics["up_since"] / 1000.0)).encode()
             return self.reply(start_response, "200 OK", "text/plain; version=0.0.4; charset=utf-8",
                               body)
         if path == "/health":
@@ -2180,7 +2217,16 @@ def tls_context(args):
     return context
 
 
+def refuse_empty_values(args):
+    """An option given an empty value is a mistake (a variable that was not
+    set), never "the default": `-h ""` would mean every interface."""
+    for option, value in args.items():
+        if value == "":
+            raise UsageError("%s needs a value, not an empty one" % option)
+
+
 def server_from_args(args, environ):
+    refuse_empty_values(args)
     level = args["--log-level"].upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise UsageError("--log-level must be debug, info, warning or error")

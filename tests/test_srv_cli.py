@@ -157,6 +157,11 @@ def test_version():
     ["--metrics-interval", "often"],
     ["-h", "not an address!"],
     ["extra-positional-argument"],
+    ["-h", ""],                 # not "every interface"
+    ["-s", ""],
+    ["--ttr", ""],
+    ["--http", ""],
+    ["--secret-file", ""],
 ], ids=lambda a: " ".join(a) or "none")
 def test_bad_option_gives_one_clear_line(args):
     proc = run_server(*args)

@@ -139,6 +139,28 @@ def test_prometheus_metrics_parse_and_carry_per_type_labels(http_server):
     assert samples[("deputy_type_idle", (("type", 'we"ird\\type'),))] == 1
 
 
+def prometheus_samples(http_port):
+    from prometheus_client.parser import text_string_to_metric_families
+    body = http_get(http_port, "/metrics")[2]
+    return {sample.name: sample.value for family in text_string_to_metric_families(body)
+            for sample in family.samples if not sample.labels}
+
+
+def test_prometheus_metrics_carry_the_standard_process_series(http_server):
+    """process_cpu_seconds_total and friends, as every Prometheus client
+    exports them: README's "rate(process_cpu_seconds_total) near 1"."""
+    before = prometheus_samples(http_server.http_port)
+    run_jobs(http_server, "p", 200)
+    after = prometheus_samples(http_server.http_port)
+    assert 0 < before["process_cpu_seconds_total"] < after["process_cpu_seconds_total"]
+    with open("/proc/%d/status" % http_server.proc.pid) as f:
+        rss_kib = int(next(line for line in f if line.startswith("VmRSS:")).split()[1])
+    assert 0.5 < after["process_resident_memory_bytes"] / (rss_kib * 1024) < 2
+    open_fds = len(os.listdir("/proc/%d/fd" % http_server.proc.pid))
+    assert abs(after["process_open_fds"] - open_fds) <= 2     # the two clients may come and go
+    assert abs(after["process_start_time_seconds"] - time.time()) < 60
+
+
 def test_health_and_unknown_paths(http_server):
     assert http_get(http_server.http_port, "/health")[:1] == (200,)
     with pytest.raises(urllib.error.HTTPError) as missing:

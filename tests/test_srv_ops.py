@@ -140,6 +140,19 @@ def test_auth_again_with_the_right_secret_is_answered_ok(secret_server):
     sync_quiet(c)
 
 
+def test_a_server_without_a_secret_answers_any_string_secret_ok(shared):
+    """So that a client configured with a secret works with it too; a
+    secret that is no string is still an ill-typed field (an error, and the
+    connection stays usable: there is no secret to protect)."""
+    c = shared.connect()
+    c.send(auth("anything"))
+    c.expect("auth", ok=True)
+    c.send({"cmd": "auth"}, {"cmd": "auth", "secret": 5})
+    expect_error(c)
+    expect_error(c)
+    sync_quiet(c)
+
+
 def start_failing(argv=(), env=None):
     """Run the server program expecting it to refuse to start: -> stderr."""
     import subprocess

@@ -893,6 +893,27 @@ def test_zero_and_the_smallest_double_still_pass(conn, shared, raw):
     client.expect("did", id="z")
 
 
+@pytest.mark.parametrize("other", [b"18446744073709551616", b"1e-400", b"[1,-9223372036854775809]"])
+def test_a_number_in_an_unknown_field_does_not_refuse_an_exact_payload(conn, shared, other):
+    """Only the payload must be carried exactly: a number beyond 64 bits in
+    a field Deputy ignores (say a tracing id) is no reason to refuse the
+    message, even when the payload itself holds numbers that could be
+    inexact (0.0, a big whole float)."""
+    worker, client = conn(), conn()
+    t = fresh_type()
+    worker.send({"cmd": "can_do", "types": [t]})
+    sync_quiet(worker)
+    client.send_raw(b'{"cmd":"do","id":"z","type":"' + t.encode() + b'","arg":[0.0,1e19],'
+                    b'"trace":' + other + b"}\r\n")
+    job = worker.expect("do")
+    assert job["arg"] == [0.0, 1e19]
+    wid = orjson.dumps(job["id"])
+    worker.send_raw(b'{"cmd":"progress","id":' + wid + b',"data":0.0,"trace":' + other + b"}\r\n")
+    assert client.expect("progress", id="z")["data"] == 0.0
+    worker.send_raw(b'{"cmd":"did","id":' + wid + b',"res":{"r":0.0},"trace":' + other + b"}\r\n")
+    assert client.expect("did", id="z")["res"] == {"r": 0.0}
+
+
 BIG_BODIES = [
     b"caf\\u00e9 \\n\\/ \xc3\xa9\xf0\x9f\x98\x80 " + b"x" * 70000,     # escapes, UTF-8
     # Re-encoded instead (where the string ends is a parser's question);
