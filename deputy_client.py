@@ -70,6 +70,7 @@ STARTUP_GRACE = 1.0          # seconds a new client with several servers keeps i
 STARTUP_AFTER_FIRST = 0.1    # and at most this long once one of them is up
 RECV_SIZE = 128 * 1024         # bigger buffers cost glibc an mmap+munmap per read
 MAX_LINE = 1048576           # bytes: the server's default --max-line
+LONGEST_SECONDS = 24         # bytes: the longest JSON of a float >= 0.001 (a timeout left)
 HASH_POINTS = 64             # points per server on the consistent-hash ring
 CRLF = b"\r\n"
 METRICS_LINE = b'{"cmd":"metrics"}\r\n'
@@ -165,13 +166,20 @@ def parse_address(address):
     if not isinstance(address, str) or not address:
         raise DeputyError("bad server address %r" % (address,))
     if address.startswith("unix:"):
+        if len(address) == 5:
+            raise DeputyError("bad server address %r: no socket path" % (address,))
         return Address(path=address[5:])
     if address.startswith("["):
-        host, _, rest = address[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else DEFAULT_PORT
+        host, bracket, rest = address[1:].partition("]")
+        if not bracket or not host or (rest and not rest.startswith(":")):
+            raise DeputyError("bad server address %r: want [IPv6]:port" % (address,))
+        port = rest[1:] if rest else DEFAULT_PORT
         return Address(host, parse_port(port, address))
-    host, _, port = address.rpartition(":")
-    if not host:
+    host, colon, port = address.rpartition(":")
+    if ":" in host or (colon and not host):
+        raise DeputyError("bad server address %r: want host:port (an IPv6 address in "
+                          "brackets: [::1]:%d)" % (address, DEFAULT_PORT))
+    if not colon:
         return Address(address, DEFAULT_PORT)
     return Address(host, parse_port(port, address))
 
@@ -655,6 +663,9 @@ class Connection:
 
     def ask_metrics(self):
         waiter = gevent.event.AsyncResult()
+        if self.fatal is not None:      # given up on: it will never answer
+            waiter.set(None)
+            return waiter
         self.metrics_waiters.append(waiter)
         self.send(METRICS_LINE)
         return waiter
@@ -766,6 +777,8 @@ class Job:
 
     def get(self, timeout=None):
         if self._state == PENDING:
+            if timeout is not None and timeout != timeout:
+                raise DeputyError("timeout must be a number of seconds or None, not NaN")
             if self._event is None:
                 self._event = gevent.event.Event()
             if not self._event.wait(timeout):
@@ -919,9 +932,9 @@ class Worker:
             if not isinstance(job_type, str) or not callable(handler):
                 raise DeputyError("can_do needs {type name: callable}, got %r: %r"
                                   % (job_type, handler))
+            check_type_name(job_type)
+        check_capacity(capacity)
         if capacity is not None:
-            if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
-                raise DeputyError("capacity must be an integer >= 1, got %r" % (capacity,))
             self.capacity = capacity
         self.handlers.update(handlers)
         for conn in self.client.connections:
@@ -1156,8 +1169,14 @@ class Client:
                                      or max_line < 1):
             raise DeputyError("max_line must be an integer >= 1 or None, got %r" % (max_line,))
         self.max_line = max_line
+        if secret is not None and not isinstance(secret, str):
+            raise DeputyError("secret must be a str, got %r" % (type(secret).__name__,))
         self.secret = secret if secret is not None else os.environ.get("DEPUTY_SECRET") or None
         self.ssl_context = ssl_context_for(tls)
+        for name, seconds in (("connect_timeout", connect_timeout), ("backoff_max", backoff_max)):
+            if not is_number(seconds) or not 0 < seconds < float("inf"):
+                raise DeputyError("%s must be a positive number of seconds, got %r"
+                                  % (name, seconds))
         self.connect_timeout = connect_timeout
         self.backoff_initial = min(BACKOFF_INITIAL, backoff_max)
         self.backoff_max = backoff_max
@@ -1219,9 +1238,12 @@ class Client:
             job = Job(fields["id"], type, fields, unique, bg, deadline)
         except TypeError as error:
             raise DeputyError("cannot send a %r job: %s" % (type, error)) from None
-        if line_too_long(job._line, self.max_line):
+        length = len(job._line) - 2
+        if deadline is not None:        # sent as what is left of it, perhaps written longer
+            length += LONGEST_SECONDS - len(dumps(timeout))
+        if self.max_line is not None and length > self.max_line:
             raise DeputyError("cannot send a %r job: its line is %d bytes, over max_line=%d"
-                              % (type, len(job._line) - 2, self.max_line))
+                              % (type, length, self.max_line))
         job.on_progress = on_progress
         if deadline is not None:
             job._start_deadline_timer(timeout)
@@ -1342,6 +1364,8 @@ class Client:
         (the function's name is the type)."""
         if isinstance(handlers, str):
             job_type = handlers
+            check_capacity(capacity)
+            check_type_name(job_type)
 
             def register(handler):
                 self.worker.add({job_type: handler}, capacity)
@@ -1479,6 +1503,17 @@ def add_metric(key, total, value):
 
 def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_capacity(capacity):
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
+                                 or capacity < 1):
+        raise DeputyError("capacity must be an integer >= 1, got %r" % (capacity,))
+
+
+def check_type_name(job_type):
+    if not job_type:
+        raise DeputyError("a job type name is a non-empty string")
 
 
 # ---------------------------------------------------------------------------
@@ -1714,7 +1749,10 @@ def read_arg_lines(name):
         else:
             with open(name, "rb") as arg_file:
                 data = arg_file.read()
-        lines = data.decode("utf-8").splitlines()
+        # Lines end at "\n" (and "\r\n") only: splitlines() would also split
+        # at U+2028, NEL and form feeds, which JSON strings may hold raw.
+        lines = [line[:-1] if line.endswith("\r") else line
+                 for line in data.decode("utf-8").split("\n")]
     except OSError as error:
         raise UsageError("cannot read %s: %s" % (name, error)) from None
     except UnicodeDecodeError as error:

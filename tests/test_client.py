@@ -17,6 +17,7 @@ import gevent.server
 import gevent.subprocess
 import greenlet
 import pytest
+import orjson
 
 from test_client_helpers import ROOT, WAIT, free_port, job_type, wait_until
 import deputy_client
@@ -50,10 +51,22 @@ def test_unix_socket_address(start_server, clients, tmp_path):
 
 
 @pytest.mark.parametrize("address", [
-    "127.0.0.1:http", "127.0.0.1:0", "127.0.0.1:70000", "", [], 5])
+    "127.0.0.1:http", "127.0.0.1:0", "127.0.0.1:70000", "", [], 5,
+    ":80", "127.0.0.1:11746:5", "::1", "[::1", "[::1]80", "[]:80", "unix:"])
 def test_bad_address_is_a_deputy_error(address):
+    """Refused at once, not a client that retries an address that cannot
+    be meant (an IPv6 address goes in brackets: [::1]:11746)."""
     with pytest.raises(DeputyError):
         Client(address)
+
+
+@pytest.mark.parametrize("options", [
+    {"secret": b"bytes"}, {"secret": 5}, {"connect_timeout": "5"}, {"connect_timeout": 0},
+    {"backoff_max": -1}, {"backoff_max": float("nan")}])
+def test_bad_client_options_are_a_deputy_error_at_once(options):
+    """Not a connection greenlet that dies on them, leaving every job to hang."""
+    with pytest.raises(DeputyError):
+        Client(("127.0.0.1", free_port()), **options)
 
 
 # -- submitting and futures ----------------------------------------------------
@@ -163,6 +176,22 @@ def test_a_job_longer_than_max_line_is_refused_at_once(clients):
     small.do("t", "x" * 50)
     with pytest.raises(DeputyError, match="max_line"):
         Client(("127.0.0.1", free_port()), max_line=0)
+
+
+def test_a_job_with_a_timeout_is_measured_as_the_line_it_will_send(start_server, clients):
+    """The timeout goes out as what is left of it (5 becomes 4.99...): a job
+    that fits only with the timeout as given is refused at once, not sent
+    for the server to hang up the connection on."""
+    server = start_server("--max-line", "1000")
+    submitter = clients(server.address, max_line=1000)
+    t = job_type()
+    base = len(orjson.dumps({"cmd": "do", "id": "1", "type": t, "arg": "", "timeout": 5}))
+    with pytest.raises(DeputyError, match="over max_line=1000"):
+        submitter.do(t, "x" * (1000 - base), timeout=5)
+    worker = clients(server.address, max_line=1000)
+    worker.can_do({t: len})
+    fits = 1000 - base - 24             # the longest a float of seconds left can be
+    assert submitter.do(t, "x" * fits, timeout=5).get(WAIT) == fits
 
 
 def test_a_job_over_the_servers_max_line_fails_instead_of_poisoning_the_connection(
@@ -573,6 +602,19 @@ def test_can_do_checks_its_arguments(shared_server, clients):
         worker.can_do({"t": len}, capacity=0)
     with pytest.raises(DeputyError):
         worker.can_do({"t": len}, capacity=True)
+    with pytest.raises(DeputyError, match="capacity"):
+        worker.can_do("t", len)         # len taken for the capacity: no silent decorator
+    with pytest.raises(DeputyError, match="non-empty"):
+        worker.can_do({"": len})
+    with pytest.raises(DeputyError, match="non-empty"):
+        worker.can_do("")
+    assert worker.worker.handlers == {}
+
+
+def test_get_with_a_nan_timeout_is_refused_not_a_wait_forever(clients):
+    job = clients(("127.0.0.1", free_port())).do(job_type(), 1)
+    with pytest.raises(DeputyError, match="NaN"):
+        job.get(timeout=float("nan"))
 
 
 def test_a_handler_may_submit_jobs_itself(shared_server, clients):

@@ -45,11 +45,13 @@ def test_a_bad_command_line_is_a_usage_error_without_traceback():
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1:notaport", "127.0.0.1:99999"])
-def test_a_bad_address_exits_2_with_one_line(address):
+@pytest.mark.parametrize("address, complaint", [
+    ("127.0.0.1:notaport", "bad port"), ("127.0.0.1:99999", "bad port"),
+    ("::1", "in brackets"), ("[::1", "[IPv6]:port")])
+def test_a_bad_address_exits_2_with_one_line(address, complaint):
     done = run_cli("-a", address, "metrics")
     assert done.returncode == 2
-    assert done.stderr.count("\n") == 1 and "bad port" in done.stderr
+    assert done.stderr.count("\n") == 1 and complaint in done.stderr
 
 
 @pytest.mark.parametrize("option, value, complaint", [
@@ -131,6 +133,20 @@ def test_map_reads_a_file_and_prints_results_in_order(shared_server, clients, tm
     results = [orjson.loads(line) for line in done.stdout.splitlines()]
     assert results == [{"got": n} for n in range(200)] + [{"got": "word"}]
     assert done.stderr == ""                   # no progress line: stderr is no terminal
+
+
+def test_map_splits_lines_at_line_feeds_only(shared_server, clients, tmp_path):
+    """JSON strings may hold U+2028, NEL or a form feed raw (orjson writes
+    them so): each line is still one job, not several broken ones."""
+    t = job_type()
+    echo_worker(clients, shared_server, t)
+    values = ["a\u2028b", "c\x85d", "e\x0cf", "g\rh"]
+    args_file = tmp_path / "args.jsonl"
+    args_file.write_bytes(b"".join(orjson.dumps(v) + b"\r\n" for v in values))
+    done = run_cli("-a", shared_server.address, "map", t, str(args_file))
+    assert done.returncode == 0, done.stderr
+    results = [orjson.loads(line) for line in done.stdout.split("\n") if line]
+    assert results == [{"got": v} for v in values]
 
 
 def test_map_reads_stdin_and_marks_failed_jobs(shared_server, clients):

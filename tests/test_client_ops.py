@@ -3,12 +3,15 @@ TLS verified against a CA the tests make, and errors that retrying cannot
 fix surfacing instead of hanging."""
 import logging
 import ssl
+import time
 
 import gevent
 import pytest
 import trustme
 
-from test_client_helpers import WAIT, job_type, run_cli
+import deputy_client
+from conftest import free_port
+from test_client_helpers import WAIT, job_type, run_cli, wait_until
 from deputy_client import AuthError, DeputyError
 
 pytest_plugins = ["test_client_helpers"]    # the clients and shared_server fixtures
@@ -48,6 +51,33 @@ def test_a_wrong_secret_fails_jobs_and_metrics_instead_of_hanging(secret_server,
     assert any(r.levelno == logging.ERROR and "giving up" in r.getMessage()
                for r in caplog.records)
     assert not any("wrong" in r.getMessage() for r in caplog.records)
+
+
+def test_a_server_given_up_on_answers_metrics_at_once_as_none(secret_server, shared_server,
+                                                               clients):
+    """It will never answer: metrics() does not wait its timeout out for it,
+    every time, but reports it as None beside the servers that answered."""
+    client = clients([shared_server.address, secret_server.address], secret="wrong")
+    wait_until(lambda: all(c.tried for c in client.connections), what="both servers tried")
+    for _ in range(2):
+        started = time.monotonic()
+        got = client.metrics(timeout=3)
+        assert time.monotonic() - started < 1.5
+        assert got["servers"][secret_server.address] is None
+        assert got["servers"][shared_server.address]["connections_open"] >= 1
+
+
+def test_metrics_from_servers_down_or_given_up_is_a_deputy_error_at_once(secret_server, clients):
+    down = "127.0.0.1:%d" % free_port()
+    client = clients([down, secret_server.address], secret="wrong")
+    wait_until(lambda: all(c.tried for c in client.connections), what="both servers tried")
+    for _ in range(2):
+        started = time.monotonic()
+        with pytest.raises(DeputyError) as failed:
+            client.metrics(timeout=3)
+        assert not isinstance(failed.value, deputy_client.Timeout)
+        assert time.monotonic() - started < 1.5
+        assert "refused the secret" in str(failed.value) and down in str(failed.value)
 
 
 def test_no_secret_for_a_server_that_wants_one_fails_clearly(secret_server, clients):
