@@ -1666,6 +1666,7 @@ def parse_cli_arg(text, where="ARG"):
         return text
     try:
         check_exact(value)
+        dumps(value)        # a lone surrogate ("\ud800") is valid to json, not UTF-8
     except TypeError as error:
         raise UsageError("%s cannot be sent exactly as JSON: %s" % (where, error)) from None
     return value

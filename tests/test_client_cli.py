@@ -180,7 +180,8 @@ def test_map_of_a_file_that_is_not_utf8_is_a_usage_error(shared_server, tmp_path
     assert process.returncode == 2 and b"stdin is not UTF-8" in err and out == b""
 
 
-@pytest.mark.parametrize("arg", ["123456789012345678901234567890", "[NaN]", "Infinity", "1e400"])
+@pytest.mark.parametrize("arg", ["123456789012345678901234567890", "[NaN]", "Infinity", "1e400",
+                                 '"\\ud800"'])
 def test_an_arg_json_cannot_carry_exactly_is_a_usage_error(shared_server, arg):
     done = run_cli("-a", shared_server.address, "do", "t", arg, "--bg")
     assert done.returncode == 2
