@@ -603,7 +603,10 @@ class Connection:
             del self.pending[job_id]
             if text.startswith("draining"):
                 self._now_draining()
-                self.client._route(job)
+                if job._cancel_requested:   # the server never took it: nothing to cancel
+                    job._fail(JobFailed("cancelled", job))
+                else:
+                    self.client._route(job)
             else:
                 job._fail(JobRefused("refused by %s: %s" % (self.label, text), job))
         elif isinstance(job_id, str):
@@ -684,13 +687,17 @@ class Connection:
         if types and not self.throttled:
             self.send(message_line({"cmd": "can_do", "types": types, "capacity": capacity}))
 
-    def close(self):
-        """Write what is buffered (for a while), then stop."""
+    def begin_close(self):
+        """The writer writes what is buffered, then ends."""
         self._closing = True
         self._wake.set()
+
+    def close(self, flush_timeout):
+        """Wait (up to flush_timeout) for what is buffered to be written, then stop."""
+        self.begin_close()
         writer = self._writer
         if self.connected and writer is not None and writer is not gevent.getcurrent():
-            writer.join(CLOSE_FLUSH_TIMEOUT)
+            writer.join(flush_timeout)
         self.connected = self.live = False
         if self._sock is not None:
             shut_down(self._sock)
@@ -698,6 +705,17 @@ class Connection:
             self._greenlet.kill(block=False)
         if writer is not None and writer is not gevent.getcurrent():
             writer.kill(block=False)
+
+
+def error_text(error):
+    """"Type: message" of what a handler raised; just the type when it has
+    no message, or when its __str__ fails (the job must fail all the same)."""
+    name = type(error).__name__
+    try:
+        message = str(error)
+    except Exception:
+        return name
+    return "%s: %s" % (name, message) if message else name
 
 
 def send_all(sock, data):
@@ -866,7 +884,9 @@ class Job:
         if self.on_progress is not None:
             try:
                 self.on_progress(self, data)
-            except Exception:
+            except (KeyboardInterrupt, SystemExit, gevent.GreenletExit):
+                raise
+            except BaseException:   # a gevent.Timeout, say: it must not end the connection
                 log.exception("on_progress callback of job %s failed", self.id)
 
 
@@ -1032,7 +1052,7 @@ class Worker:
         except BaseException as error:
             if isinstance(error, JobCancelled) and not task.is_held():
                 return      # the usual way a job taken back ends
-            text = "%s: %s" % (type(error).__name__, error) if str(error) else type(error).__name__
+            text = error_text(error)
             log.info("job %s failed: %s", task.wid, text, exc_info=log.isEnabledFor(logging.DEBUG))
             self._finish(task, self._did_line(task.wid, b"err", text))
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
@@ -1290,6 +1310,9 @@ class Client:
             self._backlog[job.id] = job
             job._backlog = self._backlog
             job._conn = None
+        if self.closed:     # closed meanwhile: by a signal handler, in the middle of do()
+            job._forget()
+            job._fail(ClientClosed("client closed before the job had its result"))
 
     def _choose(self, job):
         live = self._live
@@ -1457,10 +1480,14 @@ class Client:
 
     def _close_now(self):
         self.closed = True
+        self._live = []
         if self._startup_timer is not None:
             self._startup_timer.close()
+        for conn in self.connections:       # every writer at once: one wait, not one each
+            conn.begin_close()
+        deadline = time.monotonic() + CLOSE_FLUSH_TIMEOUT
         for conn in self.connections:
-            conn.close()
+            conn.close(max(deadline - time.monotonic(), 0))
         self.worker.stop()
         error = ClientClosed("client closed before the job had its result")
         for conn in self.connections:

@@ -617,6 +617,48 @@ def test_get_with_a_nan_timeout_is_refused_not_a_wait_forever(clients):
         job.get(timeout=float("nan"))
 
 
+class UnprintableError(Exception):
+    def __str__(self):
+        raise RuntimeError("no text for this one")
+
+
+def test_a_handler_error_whose_text_cannot_be_had_still_fails_its_job(shared_server, clients):
+    """Its __str__ raising too must not lose the slot: the job fails with
+    the type's name and the worker (capacity 1) goes on."""
+    t = job_type()
+
+    def unprintable(arg):
+        raise UnprintableError()
+
+    worker = clients(shared_server.address)
+    worker.can_do({t: unprintable, t + "-ok": lambda arg: arg})
+    submitter = clients(shared_server.address)
+    with pytest.raises(JobFailed) as failed:
+        submitter.call(t, 1, timeout=WAIT)
+    assert failed.value.error == "UnprintableError"
+    assert submitter.call(t + "-ok", "next", timeout=WAIT) == "next"
+
+
+def test_a_close_that_lands_inside_do_fails_that_job(shared_server, clients):
+    """A plain signal.signal handler runs wherever the main greenlet is: a
+    close() in the middle of do() must leave that job failed with
+    ClientClosed, not pending on a closed connection forever."""
+    client = clients(shared_server.address)
+    wait_until(lambda: client.connections[0].live, what="connected")
+    choose = client._choose
+
+    def close_then_choose(job):
+        client.close()
+        return choose(job)
+
+    client._choose = close_then_choose
+    job = client.do(job_type(), 1)
+    with pytest.raises(ClientClosed):
+        job.get(WAIT)
+    with pytest.raises(ClientClosed):
+        client.do(job_type(), 2)
+
+
 def test_a_handler_may_submit_jobs_itself(shared_server, clients):
     outer, inner = job_type("outer"), job_type("inner")
     worker = clients(shared_server.address)

@@ -229,6 +229,28 @@ def test_a_failing_progress_callback_does_not_break_the_client(shared_server, cl
     assert any("on_progress callback" in r.getMessage() for r in caplog.records)
 
 
+def test_a_progress_callback_that_raises_a_timeout_does_not_end_the_connection(
+        shared_server, clients, caplog):
+    """A gevent.Timeout is no Exception; escaping the reader greenlet it
+    would end the connection for good, and every later job would hang."""
+    t = job_type()
+
+    def reporting(arg):
+        progress(1)
+        return arg
+
+    worker = clients(shared_server.address)
+    worker.can_do({t: reporting})
+    submitter = clients(shared_server.address)
+
+    def raise_timeout(job, data):
+        raise gevent.Timeout(0)
+
+    assert submitter.do(t, 1, on_progress=raise_timeout).get(WAIT) == 1
+    assert submitter.call(t, 2, timeout=WAIT) == 2
+    assert any("on_progress callback" in r.getMessage() for r in caplog.records)
+
+
 def test_a_bad_option_is_refused_by_the_server(shared_server, clients):
     submitter = clients(shared_server.address)
     with pytest.raises(JobFailed, match="refused by"):

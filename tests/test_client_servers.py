@@ -13,6 +13,7 @@ import pytest
 pytest_plugins = ["test_client_helpers"]    # the clients and shared_server fixtures
 
 from test_client_helpers import WAIT, job_type, run_cli, wait_until
+from deputy_client import JobFailed
 
 
 @pytest.fixture
@@ -327,3 +328,48 @@ def test_a_job_refused_while_the_only_server_drains_goes_to_its_successor(start_
     assert server.wait(WAIT) == 0
     start_server(port=server.port)
     assert refused.get(WAIT) == "refused while draining"
+
+
+def test_a_job_cancelled_before_the_draining_refusal_came_back_is_not_sent_again(
+        start_server, clients):
+    """do and cancel go out together; the server refuses the do as
+    "draining" and knows nothing to cancel: the job fails as cancelled
+    there and then, it does not run on the server's successor."""
+    server = start_server()
+    t = job_type()
+    submitter = all_live(clients(server.address))
+    started, gate = gated_worker(clients, server.address, t)
+    in_flight = submitter.do(t, "in flight")
+    assert started.wait(WAIT)
+    server.signal(signal.SIGTERM)
+    gevent.sleep(0.2)
+    unwanted = submitter.do(t, "unwanted")
+    assert unwanted.cancel() is True
+    with pytest.raises(JobFailed, match="^cancelled$"):
+        unwanted.get(WAIT)
+    gate.set()
+    assert in_flight.get(WAIT) == "in flight"
+    assert server.wait(WAIT) == 0
+    successor = start_server(port=server.port)
+    assert submitter.call(t, "after", timeout=WAIT) == "after"
+    assert server_figure(successor, "jobs_added") == 1      # "after" only
+
+
+def test_close_waits_for_unresponsive_servers_at_once_not_one_after_another(
+        three_servers, clients):
+    """Three stopped servers, each writer blocked on a full socket: close()
+    gives up on them together, after about 2 s, not 2 s each."""
+    client = all_live(clients(addresses(three_servers)))
+    for server in three_servers:
+        server.signal(signal.SIGSTOP)
+    try:
+        for n in range(30000):
+            client.do("nobody", "x" * 2000)
+        gevent.sleep(0.5)
+        started = time.monotonic()
+        client.close()
+        took = time.monotonic() - started
+    finally:
+        for server in three_servers:
+            server.signal(signal.SIGCONT)
+    assert took < 3.5, "close() took %.1f s" % took
