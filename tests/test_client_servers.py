@@ -311,7 +311,9 @@ def test_jobs_refused_by_a_draining_server_go_to_another(start_server, clients):
     assert draining.wait(WAIT) == 0
 
 
-def test_a_job_refused_while_the_only_server_drains_goes_to_its_successor(start_server, clients):
+def the_only_server_draining(start_server, clients):
+    """A server draining (SIGTERM) while a gated job keeps it alive; ->
+    (server, submitter, job type, the job in flight, its gate)."""
     server = start_server()
     t = job_type()
     submitter = all_live(clients(server.address))
@@ -320,6 +322,11 @@ def test_a_job_refused_while_the_only_server_drains_goes_to_its_successor(start_
     assert started.wait(WAIT)
     server.signal(signal.SIGTERM)
     gevent.sleep(0.2)
+    return server, submitter, t, in_flight, gate
+
+
+def test_a_job_refused_while_the_only_server_drains_goes_to_its_successor(start_server, clients):
+    server, submitter, t, in_flight, gate = the_only_server_draining(start_server, clients)
     refused = submitter.do(t, "refused while draining")
     gevent.sleep(0.2)
     assert not refused.ready()
@@ -335,14 +342,7 @@ def test_a_job_cancelled_before_the_draining_refusal_came_back_is_not_sent_again
     """do and cancel go out together; the server refuses the do as
     "draining" and knows nothing to cancel: the job fails as cancelled
     there and then, it does not run on the server's successor."""
-    server = start_server()
-    t = job_type()
-    submitter = all_live(clients(server.address))
-    started, gate = gated_worker(clients, server.address, t)
-    in_flight = submitter.do(t, "in flight")
-    assert started.wait(WAIT)
-    server.signal(signal.SIGTERM)
-    gevent.sleep(0.2)
+    server, submitter, t, in_flight, gate = the_only_server_draining(start_server, clients)
     unwanted = submitter.do(t, "unwanted")
     assert unwanted.cancel() is True
     with pytest.raises(JobFailed, match="^cancelled$"):
