@@ -52,14 +52,26 @@ DEFAULT_MAX_ATTEMPTS = 5                 # worker losses before a job fails
 DEFAULT_METRICS_INTERVAL = 5.0           # seconds between -v metrics lines
 DEFAULT_HIGH_WATER = 4 * 1024 * 1024     # unsent bytes before a connection is paused
 DEFAULT_DRAIN_TIMEOUT = 30.0             # seconds SIGTERM waits for running jobs
+# Job types one connection may do. Handing a worker its next job looks at
+# each of its types: with 100,000 a job cost 13 ms, and a batch of its
+# answers kept everyone else waiting.
+DEFAULT_MAX_TYPES = 10000
 # One read: many pipelined lines at once. Not more: glibc gives a bigger
 # buffer an mmap and munmap of its own on every read (256 KiB reads of a
 # 60-byte line measured 34 µs, 128 KiB reads 7 µs).
 RECV_SIZE = 128 * 1024
 YIELD_AFTER_LINES = 64                  # a TLS batch this big yields to others
+# Seconds of lines one connection handles in one turn of the event loop
+# (the clock is read every TURN_CHECK lines); the rest wait for its next
+# turn. One read of 128 KiB can hold 130,000 blank lines, which took 170 ms,
+# and a did of a worker that can do 100,000 types costs 5 ms: everyone else
+# waited that long.
+TURN_SECONDS = 0.005
+TURN_CHECK = 32                         # lines handled between two readings of the clock
 WRITE_CHUNK = 256 * 1024                # most bytes given to one send
 WRITE_PIECES = 512                      # most pieces given to one send (IOV_MAX is 1024)
 BIG_PIECE = 32 * 1024                   # payloads this big are sent as they are, not copied
+SMALL_PIECE = 4096                      # pieces of an unended line smaller than this are merged
 COMPACT_AFTER = 1024                    # dead entries a job queue keeps before compacting
 CLOSE_FLUSH_TIMEOUT = 5.0                # seconds to flush a goodbye before closing
 # The cyclic GC's youngest generation: collect after this many new objects,
@@ -86,6 +98,7 @@ MAX_PAYLOAD_DEPTH = 254     # orjson cannot encode deeper nesting
 
 loads = orjson.loads
 dumps = orjson.dumps
+monotonic = time.monotonic
 JSONDecodeError = orjson.JSONDecodeError
 JSONEncodeError = orjson.JSONEncodeError
 
@@ -668,8 +681,10 @@ class Broker:
     """Matches jobs with worker slots. Single-threaded (one gevent hub), so
     no locks: every method runs to completion."""
 
-    def __init__(self, max_attempts=DEFAULT_MAX_ATTEMPTS, default_ttr=None, loop=None):
+    def __init__(self, max_attempts=DEFAULT_MAX_ATTEMPTS, default_ttr=None, loop=None,
+                 max_types=DEFAULT_MAX_TYPES):
         self.max_attempts = max_attempts
+        self.max_types = max_types
         self.default_ttr = default_ttr
         self.loop = loop or gevent.get_hub().loop
         self.kinds = {}             # type name -> JobType
@@ -678,6 +693,7 @@ class Broker:
         self.next_seq = 0
         self.next_wid = 0
         self.draining = False
+        self.busy_kinds = []        # draining: the types that still had jobs running
         self.drained = gevent.event.Event()
 
     # -- connections ---------------------------------------------------------
@@ -716,6 +732,10 @@ class Broker:
     # -- workers -------------------------------------------------------------
 
     def can_do(self, peer, names, capacity=None):
+        new = [name for name in dict.fromkeys(names) if self.kinds.get(name) not in peer.kinds]
+        if len(peer.kinds) + len(new) > self.max_types:
+            raise ProtocolError("can_do: one connection can do at most %d types (--max-types)"
+                                % self.max_types)
         if capacity is not None:
             peer.capacity = capacity
         if names and not peer.kinds:
@@ -798,15 +818,15 @@ class Broker:
         if len(paused) == len(waiting) and not job.bg:
             job.kind.queue.pop_head()
             # Under each of them: the first to drain brings it back.
-            self.set_aside(job, list(dict.fromkeys(peer for peer, _ in paused)))
+            self.set_aside(job, dict.fromkeys(peer for peer, _ in paused))
             return False
         for peer, sub_id in paused:
             self.split_off(job, peer, sub_id)
         return True
 
     def set_aside(self, job, peers):
-        """Keep a queued job out of its queue until one of peers, all paused,
-        drains."""
+        """Keep a queued job out of its queue until one of peers (a dict's
+        keys), all paused, drains."""
         job.held_back = peers
         for peer in peers:
             peer.held_back[job] = None
@@ -817,10 +837,10 @@ class Broker:
         if job.owner is peer and job.owner_id == sub_id:
             job.owner = None
         else:
-            job.joined.remove((peer, sub_id))
+            del job.joined[(peer, sub_id)]
         own = peer.jobs[sub_id] = job.copy_for(peer, sub_id)
         job.kind.queued += 1
-        self.set_aside(own, [peer])
+        self.set_aside(own, {peer: None})
 
     def put_back(self, job):
         """A set-aside job returns to the front of its queue, to be looked at
@@ -928,8 +948,8 @@ class Broker:
                 self.start_bg_deadline(job, sub.timeout)
             return self.unhold(job)
         if job.joined is None:
-            job.joined = []
-        job.joined.append((peer, sub.owner_id))
+            job.joined = {}     # (peer, id) -> None: ordered, and one leaves in O(1)
+        job.joined[(peer, sub.owner_id)] = None
         peer.jobs[sub.owner_id] = job
         if sub.timeout is not None:
             self.start_deadline(peer, sub.owner_id, sub.timeout)
@@ -960,8 +980,7 @@ class Broker:
         if job.owner is peer and job.owner_id == sub_id:
             job.owner = None
         elif job.joined:
-            job.joined = [entry for entry in job.joined
-                          if not (entry[0] is peer and entry[1] == sub_id)]
+            job.joined.pop((peer, sub_id), None)
         if job.wanted():
             if was_set_aside:           # it may go ahead now, for the others
                 self.kick(job.kind)
@@ -1207,10 +1226,16 @@ class Broker:
     def start_draining(self):
         """SIGTERM: no new jobs, none handed out; wait for the running ones."""
         self.draining = True
+        # Nothing is handed out from now on, so these only get fewer: each
+        # finished job costs check_drained O(1), however many types exist.
+        self.busy_kinds = [kind for kind in self.kinds.values() if kind.running]
         self.check_drained()
 
     def check_drained(self):
-        if self.draining and self.job_totals()["jobs_running"] == 0:
+        busy = self.busy_kinds
+        while busy and not busy[-1].running:
+            busy.pop()
+        if self.draining and not busy:
             self.drained.set()
 
     def job_totals(self):
@@ -1270,7 +1295,7 @@ class Connection:
                  "flush_scheduled", "writer_owns_socket", "raw_send", "raw_sendmsg", "raw_recv", "loop",
                  "run_callback", "watcher", "done_reading", "pending", "partial", "partial_len",
                  "writer", "wake_writer", "may_read", "closing", "logged_error", "peer",
-                 "handlers")
+                 "handlers", "turn")
 
     def __init__(self, server, sock, address):
         self.server = server
@@ -1291,6 +1316,7 @@ class Connection:
         self.loop = gevent.get_hub().loop
         self.run_callback = self.loop.run_callback
         self.watcher = None         # reads in the hub: see read_in_hub
+        self.turn = None            # a timer: the pending lines' next turn
         self.done_reading = None
         self.pending = None         # lines read but not handled: paused mid-batch
         self.partial = []           # pieces of a line not yet ended
@@ -1343,7 +1369,10 @@ class Connection:
         self.may_read.set()
         self.broker.resume(self.peer)
         if self.watcher is not None:
-            self.resume_reading_in_hub()
+            # In a turn of its own: resume() runs inside a flush, and a
+            # connection that keeps asking for big replies (metrics with
+            # 10,000 types) and reading them would else never let go.
+            self.next_turn()
 
     # -- reading -------------------------------------------------------------
 
@@ -1391,6 +1420,9 @@ class Connection:
         if watcher is not None:
             watcher.stop()
             watcher.close()
+        turn, self.turn = self.turn, None
+        if turn is not None:
+            turn.close()
 
     def on_readable(self):
         try:
@@ -1410,8 +1442,7 @@ class Connection:
                 return self.finish_reading()
             rest = self.handle_lines(lines)         # continue_lines(), inlined: once per read
             if rest is not None and not self.closing:
-                self.pending = rest
-                self.watcher.stop()
+                self.keep_for_later(rest)
         except Exception:
             log.exception("%s: internal error, closing the connection", self.name)
             self.finish_reading()
@@ -1421,8 +1452,24 @@ class Connection:
     def continue_lines(self, lines):
         rest = self.handle_lines(lines)
         if rest is not None and not self.closing:
-            self.pending = rest
-            self.watcher.stop()
+            self.keep_for_later(rest)
+
+    def keep_for_later(self, lines):
+        """Lines not handled yet: paused (they wait for resume()), or at the
+        end of this connection's turn (they go on in the next turn, after
+        the other connections')."""
+        self.pending = lines
+        self.watcher.stop()
+        if not self.peer.paused:
+            self.next_turn()
+
+    def next_turn(self):
+        """Go on with the pending lines after the other connections' turns:
+        a timer of no delay fires after the loop has polled the sockets
+        (a callback would run before: gevent runs 50 in a row)."""
+        if self.turn is None:
+            self.turn = self.loop.timer(0)
+        self.turn.start(self.resume_reading_in_hub)
 
     def finish_reading(self):
         self.stop_reading_in_hub()
@@ -1436,7 +1483,11 @@ class Connection:
             return
         lines, self.pending = self.pending, None
         if lines:
-            self.continue_lines(lines)
+            self.flush_scheduled = True     # the replies go out at the end, as on_readable's
+            try:
+                self.continue_lines(lines)
+            finally:
+                self.flush()
         if self.pending is None and self.watcher is not None:
             self.watcher.start(self.on_readable)
 
@@ -1449,8 +1500,7 @@ class Connection:
             return lines
         end = data.find(b"\n")
         if end < 0:
-            self.partial.append(data)
-            self.partial_len += len(data)
+            self.keep_partial(data)
             if self.partial_len > self.max_line + 1:
                 self.line_too_long()
                 return None
@@ -1463,13 +1513,27 @@ class Connection:
             lines.insert(0, first)
         else:
             lines, tail = split_lines(data)
-        self.partial_len = len(tail)
+        self.partial_len = 0
         if tail:
-            self.partial.append(tail)
+            self.keep_partial(tail)
             if self.partial_len > self.max_line + 1:
                 self.line_too_long()
                 return None
         return lines
+
+    def keep_partial(self, piece):
+        """Keep a piece of a line not yet ended. Small pieces (a slow
+        sender's few bytes at a time) go into one bytearray: kept as bytes
+        objects of their own, a line sent a byte at a time cost 75 times
+        its size. Big ones are kept as they are, to be copied only once."""
+        partial = self.partial
+        if len(piece) >= SMALL_PIECE:
+            partial.append(piece)
+        elif partial and type(partial[-1]) is bytearray:
+            partial[-1] += piece
+        else:
+            partial.append(bytearray(piece))
+        self.partial_len += len(piece)
 
     def read_loop(self):
         """TLS: a greenlet that reads, as gevent's examples do."""
@@ -1499,8 +1563,11 @@ class Connection:
 
     def handle_lines(self, lines):
         """Handles lines in order. Returns None when done, or the lines not
-        yet handled when the replies paused this connection (the caller
-        waits for resume, then goes on with them)."""
+        yet handled: the replies paused this connection (the caller waits
+        for resume, then goes on with them), or its turn is over (see
+        handle_lines_in_turns)."""
+        if len(lines) > TURN_CHECK and self.watcher is not None:
+            return self.handle_lines_in_turns(lines)
         handlers = self.handlers
         max_line = self.max_line
         for index, line in enumerate(lines):
@@ -1524,6 +1591,22 @@ class Connection:
             if self.peer.paused:        # replies to this very batch filled the buffer
                 return lines[index + 1:]
             handlers = self.handlers    # auth swaps them
+        return None
+
+    def handle_lines_in_turns(self, lines):
+        """A big batch, read in the hub: past TURN_SECONDS the rest waits
+        for this connection's next turn (the TLS read loop yields in its
+        own way). The clock is read once per TURN_CHECK lines."""
+        turn_ends = monotonic() + TURN_SECONDS
+        for start in range(0, len(lines), TURN_CHECK):
+            end = start + TURN_CHECK
+            rest = self.handle_lines(lines[start:end])
+            if rest is not None:
+                return rest + lines[end:] if not self.closing else None
+            if self.closing:
+                return None
+            if end < len(lines) and monotonic() > turn_ends:
+                return lines[end:]
         return None
 
     def explain(self, line):
@@ -1917,7 +2000,7 @@ class Server:
                  max_line=DEFAULT_MAX_LINE, max_attempts=DEFAULT_MAX_ATTEMPTS,
                  high_water=DEFAULT_HIGH_WATER, default_ttr=None, secret=None,
                  tls_context=None, http_address=None, drain_timeout=DEFAULT_DRAIN_TIMEOUT,
-                 metrics_interval=None):
+                 metrics_interval=None, max_types=DEFAULT_MAX_TYPES):
         self.host, self.port, self.unix_path = host, port, unix_path
         self.max_line = max_line
         self.high_water = high_water
@@ -1926,7 +2009,8 @@ class Server:
         self.http_address = http_address
         self.drain_timeout = drain_timeout
         self.metrics_interval = metrics_interval
-        self.broker = Broker(max_attempts=max_attempts, default_ttr=default_ttr)
+        self.broker = Broker(max_attempts=max_attempts, default_ttr=default_ttr,
+                             max_types=max_types)
         self.listeners = []         # those that take jobs: closed by a drain
         self.http = None            # stays up during a drain: /health says so
         self.connections = set()
@@ -2126,6 +2210,7 @@ Options:
   --metrics-interval <sec>  Seconds between -v metrics lines [default: 5]
   --max-line <bytes>        Longest message line accepted [default: 1048576]
   --max-attempts <n>        Worker losses after which a job fails [default: 5]
+  --max-types <n>           Job types one connection may do [default: 10000]
   --high-water <bytes>      Unsent output that pauses a connection [default: 4194304]
   --ttr <sec>               Default time to run once a job is handed out
                             (default: unlimited).
@@ -2239,6 +2324,7 @@ def server_from_args(args, environ):
         host=args["-h"], port=port, unix_path=args["-s"],
         max_line=parse_number(args, "--max-line", int, 1),
         max_attempts=parse_number(args, "--max-attempts", int, 1),
+        max_types=parse_number(args, "--max-types", int, 1),
         high_water=parse_number(args, "--high-water", int, 1),
         default_ttr=parse_number(args, "--ttr", float, 1e-9) if args["--ttr"] else None,
         secret=read_secret(args, environ),

@@ -331,6 +331,16 @@ def test_dead_queue_entries_are_compacted(broker):
     assert wl.take() == []
 
 
+def test_a_can_do_beyond_max_types_is_refused_and_changes_nothing():
+    broker = Broker(max_types=3)
+    w, wl = worker(broker, types=("a", "b"))
+    with pytest.raises(ProtocolError, match="at most 3 types"):
+        broker.can_do(w, ["c", "d", "a"], capacity=5)
+    assert [kind.name for kind in w.kinds] == ["a", "b"] and w.capacity == 1
+    broker.can_do(w, ["a", "c", "c"])       # the ones it has, and repeats, do not count
+    assert [kind.name for kind in w.kinds] == ["a", "b", "c"]
+
+
 def test_metrics_count_types_seen(broker):
     client, _ = peer(broker)
     broker.submit(client, sub(1, type="resize"))
@@ -575,7 +585,7 @@ def check_set_aside_and_idle(broker, submitters):
             set_aside[job] = None
     for job in set_aside:
         waiting = list(dict.fromkeys(entry[0] for entry in job.submitters()))
-        assert job.held_back == waiting and not job.bg
+        assert list(job.held_back) == waiting and not job.bg
         assert all(client.paused and job in client.held_back for client in waiting)
     for kind in broker.kinds.values():
         live = [job for jobs in kind.queue.by_priority.values() for job in jobs

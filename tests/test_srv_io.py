@@ -256,3 +256,53 @@ def test_lines_kept_from_a_paused_batch_are_dropped_once_the_connection_closes(p
     conn.close()
     conn.resume_reading_in_hub()
     assert conn.broker.counters.jobs_added == 0
+
+
+def test_an_unended_line_sent_a_byte_at_a_time_is_kept_in_one_piece(pair):
+    """A slow sender's bytes are merged, not kept as thousands of bytes
+    objects (75 times the line's size); big pieces stay as they came."""
+    conn, _ = pair
+    line = b'{"cmd":"do","id":1,"type":"t","arg":"' + b"x" * 3000 + b'"}'
+    for byte in line[:-1]:
+        assert conn.complete_lines(bytes([byte])) == []
+    assert len(conn.partial) == 1 and conn.partial_len == len(line) - 1
+    big = b"y" * BIG_PIECE
+    assert conn.complete_lines(big) == [] and conn.partial[-1] is big
+    assert conn.complete_lines(b"}\n") == [line[:-1] + big + b"}"]
+    assert conn.partial == [] and conn.partial_len == 0
+
+
+def test_a_big_batch_is_handled_over_several_turns_in_order(pair, monkeypatch):
+    """One connection's batch must not keep the others waiting: past its
+    turn's time the rest waits for its next turn, after the loop has polled
+    the other sockets."""
+    import deputy_server
+    monkeypatch.setattr(deputy_server, "TURN_SECONDS", 0)
+    conn, theirs = pair
+    theirs.sendall(b"".join(b'{"cmd":"do","id":%d,"type":"t","bg":true}\r\n' % n
+                            for n in range(100)))
+    gevent.sleep(0.01)
+    conn.watcher = conn.loop.io(conn.sock.fileno(), 1)
+    conn.done_reading = gevent.event.Event()
+    conn.on_readable()
+    assert conn.pending and conn.turn.active            # the rest: in a later turn
+    assert conn.broker.counters.jobs_added < 100
+    want = b"".join(b'{"cmd":"queued","id":%d}\r\n' % n for n in range(100))
+    assert read_exactly(theirs, len(want)) == want
+    assert conn.pending is None and conn.broker.counters.jobs_added == 100
+    conn.stop_reading_in_hub()
+
+
+def test_lines_kept_while_paused_go_on_in_a_turn_of_their_own_after_resume(pair):
+    """resume() runs inside a flush: a connection that keeps asking for big
+    replies and reading them would else never let the loop go."""
+    conn, theirs = pair
+    conn.watcher = conn.loop.io(conn.sock.fileno(), 1)
+    conn.done_reading = gevent.event.Event()
+    conn.pause()
+    conn.pending = [b'{"cmd":"do","id":1,"type":"t","bg":true}']
+    conn.resume()
+    assert conn.pending is not None and conn.broker.counters.jobs_added == 0
+    assert read_exactly(theirs, 25) == b'{"cmd":"queued","id":1}\r\n'
+    assert conn.pending is None
+    conn.stop_reading_in_hub()

@@ -196,6 +196,22 @@ def test_can_do_adds_to_what_was_said_before(server, connect):
     assert take_job(w, "b")["arg"] == "B"
 
 
+def test_a_connection_can_do_at_most_max_types_types(start_server):
+    """--max-types bounds what handing a worker its next job looks at; a
+    can_do beyond it is refused whole and the worker keeps what it had."""
+    srv = start_server("--max-types", "3")
+    w = srv.connect()
+    w.send({"cmd": "can_do", "types": ["a", "b"]})
+    w.send({"cmd": "can_do", "types": ["c", "d"], "capacity": 2})
+    assert "at most 3 types" in expect_error(w)["error"]
+    m = sync_quiet(w)
+    assert sorted(t for t, stats in m["types"].items() if stats["workers"]) == ["a", "b"]
+    s = srv.connect()
+    s.send(do(1, "a", "A"), do(2, "a", "A2"))
+    take_job(w, "a")
+    assert w.nothing_within(0.2), "the refused can_do raised its capacity"
+
+
 # -- 2.5 worker lost -----------------------------------------------------------
 
 def test_lost_worker_job_goes_to_front_and_out_again(server, connect):
