@@ -73,6 +73,8 @@ WRITE_PIECES = 512                      # most pieces given to one send (IOV_MAX
 BIG_PIECE = 32 * 1024                   # payloads this big are sent as they are, not copied
 SMALL_PIECE = 4096                      # pieces of an unended line smaller than this are merged
 COMPACT_AFTER = 1024                    # dead entries a job queue keeps before compacting
+SET_ASIDE_PER_TURN = 2000               # a paused connection's queued jobs set aside per turn
+LEAVE_PER_TURN = 5000                   # a departing connection's jobs dropped per turn
 CLOSE_FLUSH_TIMEOUT = 5.0                # seconds to flush a goodbye before closing
 # The cyclic GC's youngest generation: collect after this many new objects,
 # not Python's 700. A client's batch creates a job and a write callback per
@@ -613,7 +615,7 @@ class JobType:
     among them with a free slot, longest-waiting first."""
 
     __slots__ = ("name", "do_prefix", "queue", "queued", "running", "workers", "idle", "done",
-                 "failed")
+                 "failed", "kick_later")
 
     def __init__(self, name):
         self.name = name
@@ -626,6 +628,7 @@ class JobType:
         self.idle = OrderedDict()   # Peer -> None; O(1) pop of the longest waiting
         self.done = 0
         self.failed = 0
+        self.kick_later = None      # a timer: the rest of a long set-aside, next turn
 
     def stats(self):
         return {"queued": self.queued, "running": self.running, "workers": self.workers,
@@ -705,9 +708,19 @@ class Broker:
 
     def disconnect(self, peer):
         """A connection closed: give back what it held, drop what it asked for."""
+        for _ in self.leave(peer):
+            pass
+
+    def leave(self, peer):
+        """disconnect() in steps: a generator that pauses every
+        LEAVE_PER_TURN jobs, so that the connection's greenlet can let the
+        others have their turn (dropping a million queued jobs took 0.8 s).
+        Meanwhile the peer counts as paused, so none of its queued jobs is
+        handed out (SPEC 2.6)."""
         if peer.closed:
             return
         peer.closed = True
+        peer.paused = True
         c = self.counters
         c.connections_open -= 1
         self.cant_do(peer, [kind.name for kind in peer.kinds])
@@ -715,12 +728,19 @@ class Broker:
         # are not handed out again (SPEC 2.6: never handed out); the queued
         # ones before the running ones, because cancelling a running unique
         # job frees a worker, which must not be handed one of them.
-        queued = [sub_id for sub_id, job in peer.jobs.items() if job.state != RUNNING]
-        running = [sub_id for sub_id, job in peer.jobs.items() if job.state == RUNNING]
-        for sub_id in queued + running:
-            # Looked up again: a detach can split off a job of its own for
-            # another of peer's ids (two ids joined to one job).
-            self.detach(peer, sub_id, peer.jobs[sub_id], cancel_running=False)
+        ids = list(peer.jobs)
+        count = 0
+        for running_too in (False, True):
+            for sub_id in ids:
+                count += 1
+                if not count % LEAVE_PER_TURN:
+                    yield
+                # Looked up again: a detach can split off a job of its own
+                # for another of peer's ids (two ids joined to one job); and
+                # between steps a job may have finished or timed out.
+                job = peer.jobs.get(sub_id)
+                if job is not None and (running_too or job.state != RUNNING):
+                    self.detach(peer, sub_id, job, cancel_running=False)
         self.requeue_lost(peer)
 
     def kind(self, name):
@@ -797,6 +817,7 @@ class Broker:
         only paused submitters wait for is set aside until one of them
         drains; one that others wait for too goes ahead without them."""
         queue = kind.queue
+        budget = SET_ASIDE_PER_TURN
         while True:
             job = queue.head()
             if job is None:
@@ -806,6 +827,19 @@ class Broker:
                 return job          # the usual case: one submitter that reads, or bg
             if self.without_paused_submitters(job):
                 return job
+            budget -= 1
+            if not budget:          # a paused connection's long run of jobs: go on next turn
+                self.kick_next_turn(kind)
+                return None
+
+    def kick_next_turn(self, kind):
+        if kind.kick_later is None:
+            kind.kick_later = self.start_timer(0, self.kick_again, kind)
+
+    def kick_again(self, kind):
+        kind.kick_later.close()
+        kind.kick_later = None
+        self.kick(kind)
 
     def without_paused_submitters(self, job):
         """job, at the head of its queue, has a submitter that is paused. If
@@ -813,6 +847,10 @@ class Broker:
         goes ahead (True), and each paused submitter gets a run of its own,
         set aside in the same way: so a paused connection never piles up the
         results of jobs that others made run, however many it joined."""
+        if not job.joined and not job.bg:      # only its owner waits (a long run, often)
+            job.kind.queue.pop_head()
+            self.set_aside(job, {job.owner: None})
+            return False
         waiting = job.submitters()
         paused = [entry for entry in waiting if entry[0].paused]
         if len(paused) == len(waiting) and not job.bg:
@@ -1024,12 +1062,20 @@ class Broker:
 
     def resume_submitter(self, peer):
         """Its output drained: the jobs set aside for it (and perhaps for
-        other paused submitters too) go back to the front."""
-        held_back = list(peer.held_back)
-        kinds = set()
+        other paused submitters too) go back to the front, newest first so
+        that they keep their order. (put_back() inlined: there may be
+        hundreds of thousands.)"""
+        held_back, peer.held_back = peer.held_back, {}
+        kinds = {}
         for job in reversed(held_back):
-            self.put_back(job)
-            kinds.add(job.kind)
+            if len(job.held_back) > 1:
+                for other in job.held_back:
+                    if other is not peer:
+                        other.held_back.pop(job, None)
+            job.held_back = None
+            kind = job.kind
+            kind.queue.push_front(job)
+            kinds[kind] = None
         for kind in kinds:
             self.kick(kind)
 
@@ -1391,7 +1437,7 @@ class Connection:
             log.exception("%s: internal error, closing the connection", self.name)
         finally:
             self.stop_reading_in_hub()
-            self.broker.disconnect(self.peer)
+            self.leave_the_broker()
             if self.closing:
                 self.flush_before_close()
             if self.writer is not None:
@@ -1407,6 +1453,18 @@ class Connection:
     # recv per readiness, and never blocks: when backpressure pauses the
     # connection mid-batch it keeps the unread lines and stops watching the
     # socket until resume().
+
+    def leave_the_broker(self):
+        """broker.disconnect(), letting the other connections have their
+        turns between its steps; all at once if this greenlet is killed
+        meanwhile (the server stopping)."""
+        leaving = self.broker.leave(self.peer)
+        try:
+            for _ in leaving:
+                gevent.sleep(0.0001)    # a timer: the loop polls the sockets first
+        finally:
+            for _ in leaving:
+                pass
 
     def read_in_hub(self):
         self.done_reading = gevent.event.Event()

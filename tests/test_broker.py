@@ -397,6 +397,54 @@ def test_a_set_aside_job_whose_owner_leaves_is_dropped_not_stuck(broker):
     assert broker.metrics()["types"]["echo"]["queued"] == 0
 
 
+def test_a_long_run_of_a_paused_connections_jobs_is_set_aside_over_several_turns(broker):
+    """Setting aside 200,000 queued jobs in one go stalled everyone for
+    400 ms: a bounded number per turn, and the job behind them goes out
+    once the run is set aside."""
+    slow, _ = peer(broker)
+    fast, fl = peer(broker)
+    count = deputy_server.SET_ASIDE_PER_TURN * 3
+    for n in range(count):
+        broker.submit(slow, sub(n))
+    broker.submit(fast, sub("f"))
+    broker.pause(slow)
+    w, wl = worker(broker)
+    assert wl.take() == [] and len(slow.held_back) == deputy_server.SET_ASIDE_PER_TURN
+    with gevent.Timeout(5):
+        while not w.held:
+            gevent.sleep(0.001)
+    [do] = wl.take()
+    assert w.held[do["id"]].owner is fast and len(slow.held_back) == count
+    broker.did(w, do["id"], b"1", None)
+    assert fl.take() == [{"cmd": "did", "id": "f", "res": 1}]
+    broker.resume(slow)             # all back, in their order
+    assert not slow.held_back
+    assert [w.held[m["id"]].owner_id for m in wl.take()] == [0]
+
+
+def test_a_connection_leaves_in_steps_and_none_of_its_jobs_goes_out_meanwhile(broker):
+    """Dropping a million queued jobs at once stalled everyone for 0.8 s:
+    leave() pauses every LEAVE_PER_TURN jobs; meanwhile the departed
+    connection's jobs are never handed out (SPEC 2.6), others' are."""
+    leaving, _ = peer(broker)
+    other, ol = peer(broker)
+    count = deputy_server.LEAVE_PER_TURN * 2 + 10
+    for n in range(count):
+        broker.submit(leaving, sub(n))
+    broker.submit(other, sub("o"))
+    steps = broker.leave(leaving)
+    next(steps)
+    assert 0 < broker.counters.jobs_abandoned < count
+    w, wl = worker(broker)
+    gevent.sleep(0.05)              # a set-aside that needs more turns gets them
+    [do] = wl.take()
+    assert w.held[do["id"]].owner is other
+    for _ in steps:
+        pass
+    m = broker.metrics()
+    assert m["jobs_abandoned"] == count and m["jobs_queued"] == 0 and leaving.jobs == {}
+
+
 def test_a_job_only_one_paused_connection_waits_for_is_set_aside_however_often_it_joined(broker):
     """SPEC 5: joining its own unique job must not let a paused connection
     make results pile up that it does not read."""
