@@ -259,40 +259,39 @@ def may_hold_inexact_number(value):
     return False
 
 
-INEXACT = object()      # stands for a number that orjson cannot have read exactly
+# Only these literals can be what orjson reads inexactly: an integer of 19
+# digits or more (beyond 64 bits), and a number too small for a double (a
+# 3-digit negative exponent, or 200 zeros after the point before a 2-digit
+# one). A line without any (nearly all) needs no second parse.
+MAYBE_INEXACT = re.compile(rb"\d{19}|[eE]-\d{3}|\.0{200}")
 
 
-def _exact_int(text):
-    number = int(text)
-    if not -(2 ** 63) <= number < 2 ** 64:
-        return INEXACT
-    return number
-
-
-def _exact_float(text):
-    number = float(text)
-    mantissa = text.lower().partition("e")[0]
-    if number == 0.0 and mantissa.strip("-+0.") != "":
-        return INEXACT          # underflow: a non-zero number became 0
-    return number
+class FloatLiteral(str):
+    """A float as it was written: json's parse_float, called from C."""
 
 
 def has_inexact_number(line, field):
-    """The slow, sure check of line's field: the standard library parser
-    keeps big integers and shows each number's literal. (Only that field:
-    a number in another one, say an unknown field, is not passed on.)"""
+    """The slow, sure check of line's field (for a line MAYBE_INEXACT
+    matches): the standard library parser keeps big integers and, with
+    parse_float, each float's literal. (Only that field: a number in
+    another one, say an unknown field, is not passed on.)"""
     try:
-        msg = json.loads(line, parse_int=_exact_int, parse_float=_exact_float)
+        msg = json.loads(line, parse_float=FloatLiteral)
     except (ValueError, RecursionError):
         return False
     stack = [msg.get(field)] if type(msg) is dict else []
     while stack:
         value = stack.pop()
-        if value is INEXACT:
-            return True
-        if type(value) is dict:
+        kind = type(value)
+        if kind is int:
+            if not -(2 ** 63) <= value < 2 ** 64:
+                return True
+        elif kind is FloatLiteral:
+            if float(value) == 0.0 and value.lower().partition("e")[0].strip("-+0.") != "":
+                return True         # underflow: a non-zero number became 0
+        elif kind is dict:
             stack.extend(value.values())
-        elif type(value) is list:
+        elif kind is list:
             stack.extend(value)
     return False
 
@@ -312,7 +311,8 @@ def encode_payload(msg, field, line, default=None):
         return b"%d" % value
     if kind in SCALARS:
         return dumps(value)
-    if may_hold_inexact_number(value) and has_inexact_number(line, field):
+    if (MAYBE_INEXACT.search(line) and may_hold_inexact_number(value)
+            and has_inexact_number(line, field)):
         raise ProtocolError("%s holds a number Deputy cannot carry exactly (an integer "
                             "beyond 64 bits, or too small for a double)" % field,
                             msg.get("id", NO_ID))

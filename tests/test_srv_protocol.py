@@ -871,7 +871,8 @@ def test_an_id_that_cannot_be_echoed_still_gets_an_error_and_the_connection_live
     still_usable(c, shared)
 
 
-@pytest.mark.parametrize("raw", [b"1.5e-400", b"-2e-999", b"[0, 1e-500]"])
+@pytest.mark.parametrize("raw", [b"1.5e-400", b"-2e-999", b"[0, 1e-500]", b"1E-0400",
+                                 b"[0.0, 0." + b"0" * 230 + b"1e-99]"])
 def test_a_number_too_small_for_a_double_is_refused_not_zeroed(conn, shared, raw):
     c = conn()
     c.send_raw(b'{"cmd":"do","id":"tiny","type":"' + fresh_type().encode() + b'","arg":' + raw
@@ -880,7 +881,8 @@ def test_a_number_too_small_for_a_double_is_refused_not_zeroed(conn, shared, raw
     still_usable(c, shared)
 
 
-@pytest.mark.parametrize("raw", [b"0.0", b"-0.0", b"0e10", b"[0.000, 5e-324]"])
+@pytest.mark.parametrize("raw", [b"0.0", b"-0.0", b"0e10", b"[0.000, 5e-324]", b"[0.0, 1e-300]",
+                                 b"[0.0, 0e-400, 12345678901234567890]"])
 def test_zero_and_the_smallest_double_still_pass(conn, shared, raw):
     worker, client = conn(), conn()
     t = fresh_type()
