@@ -22,6 +22,7 @@ coalescing writer, backpressure), HTTP metrics and status page, the server
 (listeners, signals), command line.
 """
 
+import errno
 import gc
 import heapq
 import hmac
@@ -2050,6 +2051,44 @@ class StartupError(Exception):
     """A problem that stops the server from starting; one line for the user."""
 
 
+class Listener(gevent.server.StreamServer):
+    """A StreamServer that, out of file descriptors, says so in one log
+    line every 10 s (gevent prints a traceback a second) and stops
+    accepting for a while, up to 1 s; the connections it has go on, and
+    the ones waiting in the backlog are accepted once some close."""
+
+    OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fd_pause = self.min_delay
+        self.fd_logged = 0.0
+        self.fd_refusals = 0
+
+    def do_read(self):
+        try:
+            accepted = super().do_read()
+        except OSError as error:
+            if error.errno not in self.OUT_OF_FDS:
+                raise
+            self.out_of_fds(error)
+            return None
+        self.fd_pause = self.min_delay
+        return accepted
+
+    def out_of_fds(self, error):
+        self.fd_refusals += 1
+        now = monotonic()
+        if now - self.fd_logged >= 10:
+            log.warning("cannot accept connections: %s (%d times); retrying",
+                        error.strerror or error, self.fd_refusals)
+            self.fd_logged, self.fd_refusals = now, 0
+        self.stop_accepting()
+        self._timer = self.loop.timer(self.fd_pause)
+        self._timer.start(self._start_accepting_if_started)
+        self.fd_pause = min(self.max_delay, self.fd_pause * 2)
+
+
 class Server:
     """Owns the broker and the listeners. No module-level state, so tests
     can run several servers in one process."""
@@ -2112,15 +2151,14 @@ class Server:
     def start(self):
         """TCP last: once it accepts, every other listener is up too."""
         if self.unix_path:
-            self.listen(gevent.server.StreamServer(self.unix_listener(), self.handle),
-                        self.unix_path)
+            self.listen(Listener(self.unix_listener(), self.handle), self.unix_path)
         if self.http_address:
             from gevent.pywsgi import WSGIServer
             self.http = WSGIServer(self.http_address, HttpApp(self), log=None, error_log=log)
             self.listen(self.http, "http://%s:%d" % self.http_address)
             self.listeners.remove(self.http)
         handle = self.handle_tls if self.tls_context else self.handle
-        tcp = gevent.server.StreamServer((self.host, self.port), handle, backlog=1024)
+        tcp = Listener((self.host, self.port), handle, backlog=1024)
         self.listen(tcp, "%s:%d" % (self.host, self.port))
         self.port = tcp.server_port
         if self.metrics_interval:
