@@ -1262,9 +1262,9 @@ class Broker:
             kind.idle.pop(peer, None)
 
     def resume(self, peer):
-        peer.paused = False
-        if peer.closed:
+        if peer.closed:     # stays paused: a departing peer's jobs must not go out (leave())
             return
+        peer.paused = False
         self.resume_submitter(peer)
         self.worker_ready(peer)
 

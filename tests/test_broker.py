@@ -435,10 +435,13 @@ def test_a_connection_leaves_in_steps_and_none_of_its_jobs_goes_out_meanwhile(br
     steps = broker.leave(leaving)
     next(steps)
     assert 0 < broker.counters.jobs_abandoned < count
+    broker.resume(leaving)          # its output drained meanwhile: it stays paused
     w, wl = worker(broker)
     gevent.sleep(0.05)              # a set-aside that needs more turns gets them
     [do] = wl.take()
     assert w.held[do["id"]].owner is other
+    broker.did(w, do["id"], b"1", None)
+    assert wl.take() == []
     for _ in steps:
         pass
     m = broker.metrics()
