@@ -1609,7 +1609,10 @@ class Connection:
             while lines is not None and not self.closing:
                 lines = self.handle_lines(lines)
                 if lines is not None:
-                    self.may_read.wait()
+                    if self.peer.paused:
+                        self.may_read.wait()
+                    else:                   # its turn is over
+                        self.yield_to_others()
             if batch >= YIELD_AFTER_LINES:
                 self.yield_to_others()
 
@@ -1625,7 +1628,7 @@ class Connection:
         yet handled: the replies paused this connection (the caller waits
         for resume, then goes on with them), or its turn is over (see
         handle_lines_in_turns)."""
-        if len(lines) > TURN_CHECK and self.watcher is not None:
+        if len(lines) > TURN_CHECK:
             return self.handle_lines_in_turns(lines)
         handlers = self.handlers
         max_line = self.max_line
@@ -1653,9 +1656,9 @@ class Connection:
         return None
 
     def handle_lines_in_turns(self, lines):
-        """A big batch, read in the hub: past TURN_SECONDS the rest waits
-        for this connection's next turn (the TLS read loop yields in its
-        own way). The clock is read once per TURN_CHECK lines."""
+        """A big batch: past TURN_SECONDS the rest waits for this
+        connection's next turn (read_in_hub: a timer; TLS: read_loop
+        yields). The clock is read once per TURN_CHECK lines."""
         turn_ends = monotonic() + TURN_SECONDS
         for start in range(0, len(lines), TURN_CHECK):
             end = start + TURN_CHECK

@@ -2,6 +2,7 @@
 reads, output given to the kernel in bounded pieces, partial sends, and big
 payloads sent without a copy."""
 import random
+import socket
 
 import gevent
 import gevent.event
@@ -306,3 +307,21 @@ def test_lines_kept_while_paused_go_on_in_a_turn_of_their_own_after_resume(pair)
     assert read_exactly(theirs, 25) == b'{"cmd":"queued","id":1}\r\n'
     assert conn.pending is None
     conn.stop_reading_in_hub()
+
+
+def test_the_tls_read_loop_yields_between_turns_of_a_big_batch(pair, monkeypatch):
+    """read_loop (TLS) gets the rest of a batch back at the end of a turn
+    and yields before going on, instead of handling it all at once."""
+    import deputy_server
+    monkeypatch.setattr(deputy_server, "TURN_SECONDS", 0)
+    conn, theirs = pair
+    yields = []
+    monkeypatch.setattr(Connection, "yield_to_others",
+                        lambda self: yields.append(self.broker.counters.jobs_added))
+    turn = deputy_server.TURN_CHECK
+    lines = [b'{"cmd":"do","id":%d,"type":"t","bg":true}' % n for n in range(turn * 3 + 4)]
+    theirs.sendall(b"".join(line + b"\n" for line in lines))
+    theirs.shutdown(socket.SHUT_WR)
+    conn.read_loop()
+    assert yields[:3] == [turn, turn * 2, turn * 3]
+    assert conn.broker.counters.jobs_added == len(lines)
