@@ -278,7 +278,9 @@ def has_inexact_number(line, field):
     another one, say an unknown field, is not passed on.)"""
     try:
         msg = json.loads(line, parse_float=FloatLiteral)
-    except (ValueError, RecursionError):
+    except RecursionError:      # nested deeper than this parser goes: not sure, so refuse
+        return True
+    except ValueError:
         return False
     stack = [msg.get(field)] if type(msg) is dict else []
     while stack:
@@ -714,10 +716,10 @@ class Broker:
 
     def leave(self, peer):
         """disconnect() in steps: a generator that pauses every
-        LEAVE_PER_TURN jobs, so that the connection's greenlet can let the
-        others have their turn (dropping a million queued jobs took 0.8 s).
-        Meanwhile the peer counts as paused, so none of its queued jobs is
-        handed out (SPEC 2.6)."""
+        LEAVE_PER_TURN queued jobs, so that the connection's greenlet can
+        let the others have their turn (dropping a million queued jobs took
+        0.8 s). Meanwhile the peer counts as paused, so none of its queued
+        jobs is handed out (SPEC 2.6)."""
         if peer.closed:
             return
         peer.closed = True
@@ -725,24 +727,27 @@ class Broker:
         c = self.counters
         c.connections_open -= 1
         self.cant_do(peer, [kind.name for kind in peer.kinds])
-        # Its own submissions first, so that jobs it both submitted and held
-        # are not handed out again (SPEC 2.6: never handed out); the queued
-        # ones before the running ones, because cancelling a running unique
-        # job frees a worker, which must not be handed one of them.
-        ids = list(peer.jobs)
-        count = 0
-        for running_too in (False, True):
-            for sub_id in ids:
-                count += 1
-                if not count % LEAVE_PER_TURN:
-                    yield
-                # Looked up again: a detach can split off a job of its own
-                # for another of peer's ids (two ids joined to one job); and
-                # between steps a job may have finished or timed out.
-                job = peer.jobs.get(sub_id)
-                if job is not None and (running_too or job.state != RUNNING):
-                    self.detach(peer, sub_id, job, cancel_running=False)
+        # Its running jobs at once, so that no result reaches it between the
+        # steps (each is abandoned); cancelling a running unique job frees
+        # a worker, which its queued jobs cannot go to: it is paused. Its
+        # own submissions before what it held, so that a job it both
+        # submitted and held is not handed out again.
+        running = [sub_id for sub_id, job in peer.jobs.items() if job.state == RUNNING]
+        for sub_id in running:
+            self.detach_if_waiting(peer, sub_id)
         self.requeue_lost(peer)
+        for count, sub_id in enumerate(list(peer.jobs), 1):
+            if not count % LEAVE_PER_TURN:
+                yield
+            self.detach_if_waiting(peer, sub_id)
+
+    def detach_if_waiting(self, peer, sub_id):
+        """Looked up again: a detach can split off a job of its own for
+        another of peer's ids (two ids joined to one job); and between
+        leave()'s steps a job may have finished."""
+        job = peer.jobs.get(sub_id)
+        if job is not None:
+            self.detach(peer, sub_id, job, cancel_running=False)
 
     def kind(self, name):
         kind = self.kinds.get(name)
@@ -2065,7 +2070,7 @@ class Listener(gevent.server.StreamServer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fd_pause = self.min_delay
-        self.fd_logged = 0.0
+        self.fd_logged = float("-inf")     # (monotonic() may be under 10 s)
         self.fd_refusals = 0
 
     def do_read(self):

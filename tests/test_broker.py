@@ -448,6 +448,24 @@ def test_a_connection_leaves_in_steps_and_none_of_its_jobs_goes_out_meanwhile(br
     assert m["jobs_abandoned"] == count and m["jobs_queued"] == 0 and leaving.jobs == {}
 
 
+def test_a_running_job_of_a_connection_leaving_in_steps_is_abandoned_at_once(broker):
+    """Its result must not reach it between leave()'s steps (SPEC 2.6)."""
+    leaving, ll = peer(broker)
+    w, wl = worker(broker)
+    broker.submit(leaving, sub("r"))
+    [do] = wl.take()
+    for n in range(deputy_server.LEAVE_PER_TURN * 2):
+        broker.submit(leaving, sub(n, type="nobody"))
+    steps = broker.leave(leaving)
+    next(steps)
+    assert broker.counters.jobs_abandoned >= 1
+    broker.did(w, do["id"], b"1", None)
+    assert ll.take() == []
+    for _ in steps:
+        pass
+    assert broker.metrics()["jobs_abandoned"] == deputy_server.LEAVE_PER_TURN * 2 + 1
+
+
 def test_a_job_only_one_paused_connection_waits_for_is_set_aside_however_often_it_joined(broker):
     """SPEC 5: joining its own unique job must not let a paused connection
     make results pile up that it does not read."""

@@ -916,6 +916,17 @@ def test_a_number_in_an_unknown_field_does_not_refuse_an_exact_payload(conn, sha
     assert client.expect("did", id="z")["res"] == {"r": 0.0}
 
 
+def test_deep_nesting_elsewhere_in_the_line_does_not_let_an_inexact_payload_through(conn, shared):
+    """The second, exact parse cannot go as deep as orjson: a line it cannot
+    check is refused, not passed on with its payload altered."""
+    c = conn()
+    pad = b"[" * 1000 + b"]" * 1000
+    c.send_raw(b'{"cmd":"do","id":"deep","type":"' + fresh_type().encode()
+               + b'","arg":[1e-400,123456789012345678901234567890],"pad":' + pad + b"}\r\n")
+    expect_error(c, id="deep")
+    still_usable(c, shared)
+
+
 BIG_BODIES = [
     b"caf\\u00e9 \\n\\/ \xc3\xa9\xf0\x9f\x98\x80 " + b"x" * 70000,     # escapes, UTF-8
     # Re-encoded instead (where the string ends is a parser's question);
