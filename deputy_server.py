@@ -1540,9 +1540,10 @@ class Connection:
         self.done_reading.set()
 
     def resume_reading_in_hub(self):
-        """After a pause: the lines kept from the paused batch first. Not
-        once reading has finished (closed, or the peer left): the lines of a
-        connection being torn down are not handled."""
+        """After a pause, or at the connection's next turn: the lines kept
+        from the batch first. Not once reading has finished (closed, or the
+        peer left): the lines of a connection being torn down are not
+        handled."""
         if self.peer.paused or self.watcher is None:
             return
         lines, self.pending = self.pending, None
