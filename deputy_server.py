@@ -1069,19 +1069,12 @@ class Broker:
     def resume_submitter(self, peer):
         """Its output drained: the jobs set aside for it (and perhaps for
         other paused submitters too) go back to the front, newest first so
-        that they keep their order. (put_back() inlined: there may be
-        hundreds of thousands.)"""
+        that they keep their order."""
         held_back, peer.held_back = peer.held_back, {}
         kinds = {}
         for job in reversed(held_back):
-            if len(job.held_back) > 1:
-                for other in job.held_back:
-                    if other is not peer:
-                        other.held_back.pop(job, None)
-            job.held_back = None
-            kind = job.kind
-            kind.queue.push_front(job)
-            kinds[kind] = None
+            self.put_back(job)
+            kinds[job.kind] = None
         for kind in kinds:
             self.kick(kind)
 

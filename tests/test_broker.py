@@ -320,6 +320,24 @@ def test_draining_refuses_new_jobs_and_hands_out_none(broker):
     assert broker.drained.is_set()
 
 
+@pytest.mark.parametrize("last", ["a", "b"])
+def test_a_drain_ends_when_the_last_running_job_of_any_type_ends(broker, last):
+    """check_drained looks only at the types still running when the drain
+    began, whichever of them finishes last."""
+    client, _ = peer(broker)
+    wa, wal = worker(broker, types=("a",))
+    wb, wbl = worker(broker, types=("b",))
+    broker.submit(client, sub(1, type="a"))
+    broker.submit(client, sub(2, type="b"))
+    broker.submit(client, sub(3, type="idle-type"))
+    broker.start_draining()
+    first, then = ((wb, wbl), (wa, wal)) if last == "a" else ((wa, wal), (wb, wbl))
+    broker.did(first[0], first[1].take()[0]["id"], b"1", None)
+    assert not broker.drained.is_set()
+    broker.did(then[0], then[1].take()[0]["id"], b"1", None)
+    assert broker.drained.is_set()
+
+
 def test_dead_queue_entries_are_compacted(broker):
     client, _ = peer(broker)
     for i in range(3000):
