@@ -45,6 +45,31 @@ class FakeSocket:
         self._sock.close()
 
 
+class FakeWatcher:
+    """The read watcher a connection stops while it keeps lines for its
+    next turn, and starts again after."""
+
+    def start(self, callback):
+        pass
+
+    def stop(self):
+        pass
+
+
+class FakeTurn:
+    """The timer that gives a connection its next turn: here the turn is
+    one more callback of the plain loop."""
+
+    def __init__(self, callbacks):
+        self.callbacks = callbacks
+
+    def start(self, callback):
+        self.callbacks.append(callback)
+
+    def close(self):
+        pass
+
+
 class Peer:
     """One fake connection: bytes queued for the server to read, and the
     bytes the server wrote, kept for the load to inspect."""
@@ -58,6 +83,8 @@ class Peer:
         self.conn.raw_sendmsg = self.raw_sendmsg
         self.conn.raw_recv = self.raw_recv
         self.conn.run_callback = callbacks.append
+        self.conn.watcher = FakeWatcher()
+        self.conn.turn = FakeTurn(callbacks)
 
     def raw_send(self, data):
         if not self.written:
