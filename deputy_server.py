@@ -2209,26 +2209,34 @@ class Server:
         gevent.spawn(self.drain)
 
     def drain(self):
-        """Close the listeners, refuse new jobs, let running ones finish."""
+        """Close the listeners, refuse new jobs, let running ones finish and
+        their results reach the submitters, all within the drain timeout."""
+        deadline = monotonic() + self.drain_timeout
         running = self.broker.job_totals()["jobs_running"]
         log.info("draining: %d jobs running", running)
         self.close_listeners()
         self.broker.start_draining()
-        if not running:
-            return self.stop()          # nothing in flight: at once
-        if not self.broker.drained.wait(self.drain_timeout):
+        if running and not self.broker.drained.wait(self.drain_timeout):
             log.warning("drain timeout: %d jobs still running",
                         self.broker.job_totals()["jobs_running"])
-        self.flush_connections(timeout=2.0)
+        unsent = self.flush_connections(deadline - monotonic())
+        if unsent:
+            log.warning("drain timeout: output still unsent to %d connections", unsent)
         self.stop()
 
     def flush_connections(self, timeout):
-        """Give the last results a chance to reach their submitters."""
-        with gevent.Timeout(timeout, False):
-            while any(conn.out or conn.writer_owns_socket for conn in self.connections
-                      if not conn.sock.closed):
-                gevent.sleep(0.01)
-        gevent.sleep(0.01)          # flush callbacks scheduled just now
+        """Wait up to timeout for every connection's output to reach the
+        kernel (a result still in the server's output is not delivered yet:
+        a slow submitter's last one is sent whole, not cut off); -> how
+        many connections still have output unsent."""
+        gevent.sleep(0.01)          # the flush callbacks scheduled just now
+        deadline = monotonic() + timeout
+        while True:
+            unsent = sum(1 for conn in self.connections
+                         if (conn.out or conn.writer_owns_socket) and not conn.sock.closed)
+            if not unsent or monotonic() >= deadline:
+                return unsent
+            gevent.sleep(0.01)
 
     def stop(self):
         self.stopped.set()

@@ -471,3 +471,56 @@ def test_metrics_still_answered_while_draining(start_server):
     w.send(did(j["id"], res=None))
     s.expect("did", id=1)
     assert srv.wait(5) == 0
+
+
+# A result bigger than the kernel's socket buffers: it stays in the server's
+# output until the submitter reads it.
+BIG_RESULT = "r" * (8 * 1024 * 1024)
+
+
+def big_result_server(start_server, *options):
+    return start_server("--max-line", str(20 * 1024 * 1024), *options)
+
+
+def read_big_did(s, id):
+    msg = s.expect("did", id=id, timeout=15)
+    assert msg["res"] == BIG_RESULT, "the result arrived cut off or altered"
+
+
+def test_drain_waits_for_a_result_still_being_written_to_a_slow_submitter(start_server):
+    """The results of jobs in flight are delivered (SPEC 8) to a submitter
+    that reads them late, too: the drain does not cut the last one off
+    after a grace period of its own."""
+    srv = big_result_server(start_server, "--drain-timeout", "20")
+    w, s, j = draining_with_one_job(srv)
+    w.send(did(j["id"], res=BIG_RESULT))
+    time.sleep(2.5)                         # the submitter reads nothing meanwhile
+    assert srv.proc.poll() is None, "exited with a result still unsent"
+    read_big_did(s, 1)
+    assert srv.wait(5) == 0
+
+
+def test_sigterm_with_nothing_running_still_sends_the_results_not_yet_written(start_server):
+    """Nothing running, but a finished job's result is still in the server's
+    output: SIGTERM sends it before exiting, not half of it."""
+    srv = big_result_server(start_server, "--drain-timeout", "20")
+    w = worker(srv, "t")
+    s = srv.connect()
+    s.send(do(1, "t"))
+    w.send(did(take_job(w, "t")["id"], res=BIG_RESULT))
+    sync_quiet(w)                           # the result has reached the server
+    srv.signal(signal.SIGTERM)
+    time.sleep(1)
+    assert srv.proc.poll() is None, "exited with a result still unsent"
+    read_big_did(s, 1)
+    assert srv.wait(5) == 0
+
+
+def test_the_drain_timeout_also_ends_the_wait_for_a_submitter_that_never_reads(start_server):
+    srv = big_result_server(start_server, "--drain-timeout", "2")
+    w, s, j = draining_with_one_job(srv)
+    w.send(did(j["id"], res=BIG_RESULT))
+    t0 = time.monotonic()
+    assert srv.wait(10) == 0
+    assert time.monotonic() - t0 < 4, "the drain outlasted its timeout"
+    assert "still unsent" in srv.stderr()
