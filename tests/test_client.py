@@ -777,8 +777,10 @@ def test_metrics_of_a_server_back_during_a_long_back_off_are_had_at_once(start_s
     wait_until(lambda: client.connections[0].last_error is not None, what="a failed attempt")
     start_server(port=port)
     started = time.monotonic()
-    assert client.metrics(timeout=5)["connections_open"] == 1
+    metrics = client.metrics(timeout=5)
     assert time.monotonic() - started < 2
+    # (start_server's readiness probe may not have been seen to close yet)
+    assert metrics["connections_open"] in (1, 2), metrics
 
 
 def client_in_a_long_back_off(port):

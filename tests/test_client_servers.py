@@ -13,6 +13,7 @@ import pytest
 pytest_plugins = ["test_client_helpers"]    # the clients and shared_server fixtures
 
 from test_client_helpers import WAIT, job_type, run_cli, wait_until
+import deputy_client
 from deputy_client import JobFailed
 
 
@@ -62,9 +63,12 @@ def jobs_added(server):
 
 
 def test_jobs_submitted_as_a_client_starts_are_spread_over_every_server(three_servers,
-                                                                          clients):
+                                                                          clients, monkeypatch):
     """SPEC 9, "in turn": also the jobs a new client submits before its
     connections are up (they wait until every server has been tried)."""
+    # On a loaded machine the last connection can come up more than 0.1 s
+    # after the first; that limit has a test of its own (a mute server).
+    monkeypatch.setattr(deputy_client, "STARTUP_AFTER_FIRST", deputy_client.STARTUP_GRACE)
     t = job_type()
     before = [jobs_added(server) for server in three_servers]
     submitter = clients(addresses(three_servers))
