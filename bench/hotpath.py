@@ -2,7 +2,8 @@
 """The server's own cost per job, without the kernel or the event loop.
 
     python3 bench/hotpath.py [--jobs 200000] [--workers 32] [--window 1000]
-                             [--arg-size 20] [--types 1] [--reps 3] [--profile]
+                             [--arg-size 20] [--types 1] [--reps 3]
+                             [--profile | --bytecodes]
 
 Drives real deputy_server Connection objects, in one process, through the
 "small" load of bench/run.py: one submitter pipelining jobs (at most
@@ -12,9 +13,12 @@ write is counted and dropped, and the flush callbacks the server schedules
 are run in a plain loop. So the figure is the Python work the server does
 per job (parse, route, serialize, queue the write), the part that is the
 server's to optimise; bench/run.py measures it with the kernel and gevent
-included. --profile prints a cProfile of the run instead.
+included. --profile prints a cProfile of the run instead; --bytecodes the
+bytecodes deputy_server's functions ran per job, counted by a tracer (as
+repeatable as an instruction count, and it says where they go).
 """
 import argparse
+import collections
 import cProfile
 import os
 import pstats
@@ -152,6 +156,39 @@ def drive(jobs, workers, window, arg_size, types):
     return in_server
 
 
+def count_bytecodes(run):
+    """run() under a tracer: -> Counter of (function, line) -> bytecodes of
+    deputy_server.py's code run."""
+    counts = collections.Counter()
+    server_file = deputy_server.__file__
+
+    def count(frame, event, arg):
+        if event == "opcode":
+            code = frame.f_code
+            counts[(code.co_name, code.co_firstlineno)] += 1
+        return count
+
+    def enter(frame, event, arg):
+        if frame.f_code.co_filename != server_file:
+            return None
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+        return count
+
+    sys.settrace(enter)
+    try:
+        run()
+    finally:
+        sys.settrace(None)
+    return counts
+
+
+def print_bytecodes(counts, jobs):
+    print("%.0f bytecodes of deputy_server per job" % (sum(counts.values()) / jobs))
+    for (name, line), count in counts.most_common(30):
+        print("%8.1f  %s (line %d)" % (count / jobs, name, line))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=200000)
@@ -161,7 +198,9 @@ def main():
     parser.add_argument("--types", type=int, default=1,
                         help="worker i does type i %% T, job n has type n %% T")
     parser.add_argument("--reps", type=int, default=3, help="the best of N runs is shown")
-    parser.add_argument("--profile", action="store_true")
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("--profile", action="store_true")
+    shown.add_argument("--bytecodes", action="store_true")
     opts = parser.parse_args()
     drive(2000, opts.workers, opts.window, opts.arg_size, opts.types)      # warm up
     if opts.profile:
@@ -171,6 +210,10 @@ def main():
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
         return
+    if opts.bytecodes:
+        counts = count_bytecodes(lambda: drive(opts.jobs, opts.workers, opts.window,
+                                               opts.arg_size, opts.types))
+        return print_bytecodes(counts, opts.jobs)
     elapsed = min(drive(opts.jobs, opts.workers, opts.window, opts.arg_size, opts.types)
                   for _ in range(opts.reps))
     print("%d jobs, %d workers over %d types, %d-byte args: %.2f µs of server Python per job "

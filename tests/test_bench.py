@@ -26,6 +26,15 @@ def test_hotpath_drives_every_job_through_the_real_connection_code():
                      done.stdout, re.M), done.stdout
 
 
+def test_hotpath_counts_the_bytecodes_each_server_function_runs_per_job():
+    done = run_tool([os.path.join(BENCH, "hotpath.py"), "--jobs", "500", "--bytecodes"],
+                    timeout=60)
+    assert done.returncode == 0, done.stderr
+    total = re.search(r"^(\d+) bytecodes of deputy_server per job$", done.stdout, re.M)
+    assert total and int(total.group(1)) > 100, done.stdout
+    assert re.search(r"^ +[0-9.]+  handle_lines \(line \d+\)$", done.stdout, re.M), done.stdout
+
+
 def test_run_measures_each_deputy_scenario_with_every_job_answered(tmp_path):
     out = tmp_path / "run.json"
     done = run_tool([os.path.join(BENCH, "run.py"), "--scale", "0.02",
