@@ -1769,7 +1769,10 @@ class Connection:
         if self.raw_send is None:
             return self.hand_to_writer()
         while out:
-            chunk, size = self.next_chunk()
+            if len(out) == 1:       # the usual case: one message since the last flush
+                chunk, size = out.pop(), self.out_bytes
+            else:
+                chunk, size = self.next_chunk()
             try:
                 if type(chunk) is list:
                     sent = self.raw_sendmsg(chunk)
