@@ -23,6 +23,7 @@ coalescing writer, backpressure), HTTP metrics and status page, the server
 """
 
 import errno
+import fcntl
 import gc
 import heapq
 import hmac
@@ -34,7 +35,9 @@ import re
 import signal
 import socket
 import stat
+import struct
 import sys
+import termios
 import time
 from collections import OrderedDict, deque
 
@@ -1317,6 +1320,23 @@ def unsent_part(pieces, sent):
     return []
 
 
+# Linux: the bytes a TCP socket sent that its peer has not acknowledged yet.
+TIOCOUTQ = getattr(termios, "TIOCOUTQ", None)
+
+
+def unacknowledged(sock):
+    """What the kernel still holds of what sock sent over TCP (0 where the
+    system cannot tell). Exiting with a peer's input unread resets the
+    connection, and the reset drops these bytes: a result handed to the
+    kernel is not yet delivered."""
+    if TIOCOUTQ is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return 0
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
 def format_address(address):
     if isinstance(address, tuple) and len(address) >= 2:
         return "%s:%s" % address[:2]
@@ -2228,15 +2248,16 @@ class Server:
         self.stop()
 
     def flush_connections(self, timeout):
-        """Wait up to timeout for every connection's output to reach the
-        kernel (a result still in the server's output is not delivered yet:
-        a slow submitter's last one is sent whole, not cut off); -> how
-        many connections still have output unsent."""
+        """Wait up to timeout for every connection's output to reach its
+        peer (a result still in the server's output, or in the kernel's, is
+        not delivered yet: a slow submitter's last one is sent whole, not
+        cut off); -> how many connections still have output unsent."""
         gevent.sleep(0.01)          # the flush callbacks scheduled just now
         deadline = monotonic() + timeout
         while True:
             unsent = sum(1 for conn in self.connections
-                         if (conn.out or conn.writer_owns_socket) and not conn.sock.closed)
+                         if not conn.sock.closed and (conn.out or conn.writer_owns_socket
+                                                      or unacknowledged(conn.sock)))
             if not unsent or monotonic() >= deadline:
                 return unsent
             gevent.sleep(0.01)
