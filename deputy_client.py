@@ -750,6 +750,18 @@ def describe(error):
     return "%s: %s" % (type(error).__name__, text)
 
 
+def start_timer(seconds, callback):
+    """A hub timer that fires `seconds` from now. The event loop measures a
+    timer from the time it last read the clock, which is as old as however
+    long the caller kept the hub from running (a monkey-patched script's CPU
+    work, an unpatched time.sleep): a job's timeout would end at once.
+    gevent.Timeout has the clock read afresh first (update=True); so does
+    this."""
+    timer = gevent.get_hub().loop.timer(seconds)
+    timer.start(callback, update=True)
+    return timer
+
+
 # ---------------------------------------------------------------------------
 # Futures: the Job a submitter holds
 # ---------------------------------------------------------------------------
@@ -869,8 +881,7 @@ class Job:
     def _start_deadline_timer(self, seconds):
         """The server fails a job past its timeout; this covers a server
         that cannot be reached (or does not answer) by then."""
-        self._timer = gevent.get_hub().loop.timer(seconds + TIMEOUT_GRACE)
-        self._timer.start(self._deadline_passed)
+        self._timer = start_timer(seconds + TIMEOUT_GRACE, self._deadline_passed)
 
     def _deadline_passed(self):
         if self._state == PENDING:
@@ -1217,8 +1228,7 @@ class Client:
         self._starting = len(addresses) > 1
         self._startup_timer = None
         if self._starting:
-            self._startup_timer = gevent.get_hub().loop.timer(STARTUP_GRACE)
-            self._startup_timer.start(self._end_startup)
+            self._startup_timer = start_timer(STARTUP_GRACE, self._end_startup)
         self.connections = []
         self.connections.extend(Connection(self, a) for a in addresses)
 
@@ -1332,8 +1342,7 @@ class Client:
             self._route_backlog()
         elif len(self._live) == 1:      # one is up: the others get a moment more, not a second
             self._startup_timer.close()
-            self._startup_timer = gevent.get_hub().loop.timer(STARTUP_AFTER_FIRST)
-            self._startup_timer.start(self._end_startup)
+            self._startup_timer = start_timer(STARTUP_AFTER_FIRST, self._end_startup)
 
     def _route_backlog(self):
         jobs = list(self._backlog.values())

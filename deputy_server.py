@@ -1203,8 +1203,11 @@ class Broker:
     # -- timers --------------------------------------------------------------
 
     def start_timer(self, seconds, callback, *args):
+        """A timer that fires `seconds` from now: the loop's clock is read
+        afresh (as gevent.Timeout does), else the timer would count from
+        the start of this loop turn, which a busy turn makes long ago."""
         timer = self.loop.timer(seconds)
-        timer.start(callback, *args)
+        timer.start(callback, *args, update=True)
         return timer
 
     def ttr_expired(self, job, wid):

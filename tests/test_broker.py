@@ -1,5 +1,6 @@
 """Unit tests of the broker alone, driven through fake connections."""
 import random
+import time
 
 import gevent
 import orjson
@@ -264,6 +265,23 @@ def test_ttr_takes_a_job_back_and_a_late_did_is_refused(broker):
     gevent.sleep(0.1)                       # each expiry is a lost attempt
     reply = cl.take()
     assert len(reply) == 1 and "lost 3 times" in reply[0]["err"]
+
+
+def test_a_ttr_counts_from_the_hand_out_even_late_in_a_long_loop_turn(broker):
+    """The event loop reads the clock once per turn: a timer started late in
+    a long turn (time.sleep stands for one) must not count from its start."""
+    client, cl = peer(broker)
+    w, wl = worker(broker)
+    gevent.sleep(0.01)
+    time.sleep(0.5)                 # this turn of the loop began 0.5 s ago
+    handed_out = time.monotonic()
+    broker.submit(client, sub(1, ttr=0.3))
+    wid = wl.take()[0]["id"]
+    give_up = handed_out + 5
+    while not wl.sent and time.monotonic() < give_up:
+        gevent.sleep(0.01)
+    assert wl.take()[:1] == [{"cmd": "cancel", "id": wid}]
+    assert time.monotonic() - handed_out >= 0.28
 
 
 def test_timeout_answers_the_submitter_and_drops_the_job(broker):

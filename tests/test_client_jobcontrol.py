@@ -4,6 +4,7 @@ import logging
 import os
 import sys
 import textwrap
+import time
 
 import gevent
 import gevent.event
@@ -11,6 +12,7 @@ import pytest
 
 from test_client_helpers import (
     WAIT, free_port, job_type, run_cli, start_cli, stop_process, wait_until)
+import deputy_client
 from deputy_client import DeputyError, JobCancelled, JobFailed, Timeout, progress
 
 pytest_plugins = ["test_client_helpers"]    # the clients and shared_server fixtures
@@ -131,6 +133,20 @@ def test_a_timeout_holds_even_when_no_server_can_be_reached(clients):
         job.get(WAIT)
     with pytest.raises(DeputyError, match="timeout must be a positive number"):
         submitter.do("t", 1, timeout=0)
+
+
+def test_a_timeout_counts_from_do_even_after_the_hub_was_kept_from_running(clients):
+    """A script that blocked the hub (CPU work, an unpatched time.sleep)
+    left the event loop's clock behind: a timer started from it would end
+    the job's timeout at once."""
+    submitter = clients(("127.0.0.1", free_port()))     # unreachable: the client's own deadline
+    gevent.sleep(0.05)
+    time.sleep(1.5)                                      # blocks the hub
+    started = time.monotonic()
+    job = submitter.do("t", 1, timeout=0.3)
+    with pytest.raises(JobFailed, match="^timeout$"):
+        job.get(WAIT)
+    assert time.monotonic() - started >= 0.3 + deputy_client.TIMEOUT_GRACE - 0.05
 
 
 def test_cancel_a_queued_job(shared_server, clients):
