@@ -23,7 +23,6 @@ coalescing writer, backpressure), HTTP metrics and status page, the server
 """
 
 import errno
-import fcntl
 import gc
 import heapq
 import hmac
@@ -37,9 +36,14 @@ import socket
 import stat
 import struct
 import sys
-import termios
 import time
 from collections import OrderedDict, deque
+
+try:                    # POSIX; elsewhere the drain cannot see the kernel's send queue
+    import fcntl
+    import termios
+except ImportError:
+    fcntl = termios = None
 
 import gevent
 import gevent.event
