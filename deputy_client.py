@@ -939,12 +939,14 @@ def progress(data):
 
 
 class Worker:
-    """The doing half of a client. Each job runs in its own greenlet; at
-    most `capacity` run at once, summed over every server. The greenlets
-    (slots) are kept and reused, since making a greenlet costs more than
-    a small job. With several servers, each is told the whole capacity;
-    when the worker is full they are told `cant_do` until a slot frees, and
-    a job that arrives anyway is given back with `release`."""
+    """The doing half of a client. Each job runs in a greenlet (slot) of
+    its own; at most `capacity` run at once, summed over every server. The
+    slots are kept and reused, since making a greenlet costs more than a
+    small job, and one whose handler returned runs the next job waiting
+    to start itself, since even a switch through the hub costs a good
+    part of a small job. With several servers, each is told the whole
+    capacity; when the worker is full they are told `cant_do` until a slot
+    frees, and a job that arrives anyway is given back with `release`."""
 
     def __init__(self, client, shared):
         self.client = client
@@ -953,7 +955,8 @@ class Worker:
         self.capacity = 1
         self.held = 0                # jobs the servers count as ours
         self.running = 0             # slots busy with a handler
-        self.deferred = collections.deque()   # held, waiting for a slot still busy
+        self.ready = collections.deque()   # held, not started yet: waiting for a slot
+        self.dispatch_due = False          # a _dispatch is scheduled
         self.idle_slots = []
         self.hub = gevent.get_hub()
         self.run_callback = self.hub.loop.run_callback
@@ -999,19 +1002,40 @@ class Worker:
         self.held += 1
         if self.held >= self.capacity:
             self._adjust_throttle()
-        if self.running < self.capacity:
-            self._start(task)
-        else:
-            self.deferred.append(task)
+        self.ready.append(task)
+        self._schedule_dispatch()
 
-    def _start(self, task):
-        """Hand the task to an idle slot (or a new one) at the next turn of
-        the event loop, which is when the slot starts running it."""
-        self.running += 1
-        slot = self.idle_slots.pop() if self.idle_slots else greenlet.greenlet(
-            self._slot_loop, parent=self.hub)
-        task.slot = slot
-        self.run_callback(slot.switch, task)
+    def _schedule_dispatch(self):
+        if not self.dispatch_due:
+            self.dispatch_due = True
+            self.run_callback(self._dispatch)
+
+    def _dispatch(self):
+        """At the next turn of the event loop, give each ready task a slot
+        (an idle one, or a new one). A slot whose handler returns without
+        blocking runs the next ready task itself, so a burst of quick jobs
+        costs no greenlet switch per job; when a handler blocks, the hub
+        comes back here and the next task gets the next slot."""
+        self.dispatch_due = False
+        while True:
+            task = self._next_ready()
+            if task is None:
+                return
+            slot = self.idle_slots.pop() if self.idle_slots else greenlet.greenlet(
+                self._slot_loop, parent=self.hub)
+            task.slot = slot
+            slot.switch(task)
+
+    def _next_ready(self):
+        """The next ready task still held, counted as running; None when
+        there is none or every slot the capacity allows is busy."""
+        ready = self.ready
+        while ready and self.running < self.capacity:
+            task = ready.popleft()
+            if task.is_held():
+                self.running += 1
+                return task
+        return None
 
     def _slot_loop(self, task):
         slot = greenlet.getcurrent()
@@ -1023,32 +1047,19 @@ class Worker:
                 # KeyboardInterrupt or SystemExit, re-raised for the hub to
                 # pass to the main greenlet. This slot ends: jobs waiting
                 # for one get new slots.
-                self.hub.loop.run_callback(self._start_deferred)
+                self._schedule_dispatch()
                 raise
             finally:
                 slot.deputy_task = None
                 self.running -= 1
-            task = self._next_deferred()
-            if task is None:
+            task = self._next_ready()
+            if task is not None:
+                task.slot = slot
+            else:
                 if self.client.closed or len(self.idle_slots) >= self.capacity:
                     return
                 self.idle_slots.append(slot)
                 task = self.hub.switch()
-
-    def _start_deferred(self):
-        while self.deferred and self.running < self.capacity:
-            task = self.deferred.popleft()
-            if task.is_held():
-                self._start(task)
-
-    def _next_deferred(self):
-        while self.deferred and self.running < self.capacity:
-            task = self.deferred.popleft()
-            if task.is_held():
-                self.running += 1
-                task.slot = greenlet.getcurrent()
-                return task
-        return None
 
     def _run_task(self, task):
         """Run the handler and send its result or error. Whatever escapes
@@ -1132,7 +1143,7 @@ class Worker:
                 self._kill(task, "client closed")
             conn.held = {}
         self.held = 0
-        self.deferred.clear()
+        self.ready.clear()
         slots, self.idle_slots = self.idle_slots, []
         for slot in slots:
             self.hub.loop.run_callback(slot.switch, None)

@@ -559,7 +559,7 @@ def test_capacity_n_runs_n_handlers_at_once_and_never_more(shared_server, client
     assert state["peak"] == capacity
 
 
-def test_each_handler_runs_in_its_own_greenlet(shared_server, clients):
+def test_handlers_that_block_each_run_in_a_greenlet_of_their_own(shared_server, clients):
     t = job_type()
     seen = []
 
@@ -574,6 +574,66 @@ def test_each_handler_runs_in_its_own_greenlet(shared_server, clients):
     submitter.map(t, range(3), timeout=WAIT)
     assert len(set(map(id, seen))) == 3
     assert gevent.getcurrent() not in seen
+
+
+def test_quick_handlers_that_arrive_together_run_in_one_greenlet(shared_server, clients):
+    """README: a handler that returns without blocking leaves its greenlet
+    to the next job that is waiting, with no switch through the hub."""
+    t = job_type()
+    seen = set()
+
+    def quick(arg):
+        seen.add(id(greenlet.getcurrent()))
+        return arg
+
+    worker = clients(shared_server.address)
+    worker.can_do({t: quick}, capacity=32)
+    submitter = clients(shared_server.address)
+    assert submitter.map(t, range(300), timeout=WAIT) == list(range(300))
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize("order", ["blocking first", "blocking after a quick one"])
+def test_a_handler_that_blocks_does_not_hold_back_the_jobs_that_came_with_it(
+        shared_server, clients, order):
+    """The slot that runs quick jobs one after another may reach one that
+    blocks: the jobs behind it still start, each in a slot of its own."""
+    t = job_type()
+    gate = gevent.event.Event()
+
+    def handler(arg):
+        if arg == "wait":
+            return gate.wait(WAIT)          # False if the opener never ran
+        if arg == "open":
+            gate.set()
+        return arg
+
+    args = ["wait", "quick", "open"] if order == "blocking first" else ["quick", "wait", "open"]
+    worker = clients(shared_server.address)
+    worker.can_do({t: handler}, capacity=3)
+    submitter = clients(shared_server.address)
+    results = submitter.map(t, args, timeout=WAIT)
+    assert results == [True if arg == "wait" else arg for arg in args]
+
+
+def test_jobs_behind_a_handler_that_ended_the_program_still_run(shared_server, clients):
+    t = job_type()
+    worker = clients(shared_server.address)
+
+    def leave(arg):
+        if arg == "exit":
+            sys.exit("bye")
+        return arg
+
+    worker.can_do({t: leave}, capacity=3)
+    submitter = clients(shared_server.address)
+    jobs = [submitter.do(t, arg) for arg in ("exit", "a", "b")]
+    with pytest.raises(SystemExit, match="bye"):
+        gevent.sleep(WAIT)
+    with pytest.raises(JobFailed, match="^SystemExit: bye$"):
+        jobs[0].get(WAIT)
+    assert [job.get(WAIT) for job in jobs[1:]] == ["a", "b"]
+    assert (worker.worker.held, worker.worker.running) == (0, 0)
 
 
 def test_decorator_forms_of_can_do(shared_server, clients):
