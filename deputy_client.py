@@ -1064,9 +1064,8 @@ class Worker:
     def _run_task(self, task):
         """Run the handler and send its result or error. Whatever escapes
         it (a gevent.Timeout, any BaseException) fails the job, so the
-        slot is never lost; KeyboardInterrupt and SystemExit go on up."""
-        if not task.is_held():
-            return          # taken back before it started
+        slot is never lost; KeyboardInterrupt and SystemExit go on up.
+        (_next_ready has just checked that the task is still held.)"""
         try:
             result = task.handler(task.arg)
         except JobFailed as error:

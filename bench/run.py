@@ -48,8 +48,9 @@ SCENARIOS = {
     'fanin': dict(workers=10000, clients=4, jobs=12500, window=1000, arg_size=20,
                   types=100),
     # special: deputy_client submitter + worker (capacity 32) vs the raw load
-    # generator with one client and one worker of capacity 32
-    'client': dict(workers=1, clients=1, jobs=20000, window=1000, arg_size=20, capacity=32),
+    # generator with one client and one worker of capacity 32; 100k jobs, as
+    # 20k made a measured phase of a few tenths of a second, too short to trust
+    'client': dict(workers=1, clients=1, jobs=100000, window=1000, arg_size=20, capacity=32),
     # special: the small load spread over 1, 2 and 3 servers
     'multi': dict(workers=32, clients=4, jobs=20000, window=1000, arg_size=20),
 }
