@@ -2,6 +2,7 @@
 the server's internals once broke bench/hotpath.py's fakes unnoticed.
 These check that each tool finishes and reports every job done, never how
 fast (figures belong in the benchmark, not in tests)."""
+import importlib.util
 import json
 import os
 import re
@@ -54,3 +55,40 @@ def test_run_measures_each_deputy_scenario_with_every_job_answered(tmp_path):
         # (/proc's stat counts in 10 ms ticks; a short run's is schedstat's)
         assert run["server_cpu_sched_us_per_job"] > 0, run
     assert "| small | deputy |" in done.stdout
+    again = run_tool([os.path.join(BENCH, "run.py"), "--report", str(out)], timeout=60)
+    assert again.returncode == 0, again.stderr
+    assert "| small | deputy |" in again.stdout and "### Issue 4 targets" in again.stdout
+    assert json.loads(out.read_text())["runs"] == runs       # --report only reads
+
+
+def load_run_module():
+    """bench/run.py as a module (it imports bench/loadgen.py beside it)."""
+    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(BENCH, "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cpu_run(scenario, server, rep, us, **extra):
+    return dict({"scenario": scenario, "server": server, "rep": rep, "jobs_per_s": 1000.0,
+                 "server_cpu_s": 2.0, "server_cpu_us_per_job": us}, **extra)
+
+
+def test_ratios_are_taken_within_each_rep_then_their_median():
+    """A neighbour that doubles every server's cost in rep 1 moves both
+    sides of that rep's ratio; medians taken per server would give 40/20
+    or 20/40 depending on which reps they fell in."""
+    run = load_run_module()
+    runs = [cpu_run("small", "deputy", 0, 12.0), cpu_run("small", "gearmand", 0, 10.0),
+            cpu_run("small", "deputy", 1, 26.0), cpu_run("small", "gearmand", 1, 20.0),
+            cpu_run("small", "deputy", 2, 11.0), cpu_run("small", "gearmand", 2, 10.0),
+            # neither a redone run nor one that hit the time limit counts
+            cpu_run("small", "deputy", 2, 99.0, superseded=True),
+            cpu_run("small", "gearmand", 3, 10.0),
+            cpu_run("small", "deputy", 3, 99.0, timed_out=True)]
+    p = run.paired(runs, ("small", "deputy"), ("small", "gearmand"))
+    assert p["n"] == 3
+    assert (round(p["median"], 3), round(p["min"], 3), round(p["max"], 3)) == (1.2, 1.1, 1.3)
+    assert run.fmt_paired(p) == "1.20× (1.10–1.30)"
+    assert run.paired(runs, ("small", "deputy"), ("big", "gearmand")) is None
+    assert run.fmt_paired(None) == "-"
