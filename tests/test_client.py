@@ -370,16 +370,17 @@ def test_a_gevent_timeout_or_other_base_exception_fails_its_job_and_frees_the_sl
     assert (worker.worker.held, worker.worker.running) == (0, 0)
 
 
+def leave(arg):
+    """A handler that ends the program when its arg is "exit"."""
+    if arg == "exit":
+        sys.exit("bye")
+    return arg
+
+
 def test_system_exit_in_a_handler_fails_its_job_then_reaches_the_main_greenlet(
         shared_server, clients):
     t = job_type()
     worker = clients(shared_server.address)
-
-    def leave(arg):
-        if arg == "exit":
-            sys.exit("bye")
-        return arg
-
     worker.can_do({t: leave})
     submitter = clients(shared_server.address)
     job = submitter.do(t, "exit")
@@ -619,12 +620,6 @@ def test_a_handler_that_blocks_does_not_hold_back_the_jobs_that_came_with_it(
 def test_jobs_behind_a_handler_that_ended_the_program_still_run(shared_server, clients):
     t = job_type()
     worker = clients(shared_server.address)
-
-    def leave(arg):
-        if arg == "exit":
-            sys.exit("bye")
-        return arg
-
     worker.can_do({t: leave}, capacity=3)
     submitter = clients(shared_server.address)
     jobs = [submitter.do(t, arg) for arg in ("exit", "a", "b")]
