@@ -1,6 +1,7 @@
 """deputy_client's framing and line writing, in process: splitting what a
 read returns into lines, a worker's `did` lines, and a send that the
-kernel takes only in part. Plus one big result through a real server."""
+kernel takes only in part; a job the server took back before it started.
+Plus one big result through a real server."""
 import orjson
 import pytest
 
@@ -88,3 +89,40 @@ def test_a_result_bigger_than_the_socket_buffers_arrives_whole(shared_server, cl
     jobs = [submitter.do(t, 700000) for _ in range(4)]
     for job in jobs:
         assert job.get(WAIT) == "r" * 700000
+
+
+class FakeClient:
+    """What a Worker reads of its client."""
+    max_line = 1 << 20
+    closed = False
+    connections = []
+
+
+class FakeConnection:
+    label = "fake"
+
+    def __init__(self):
+        self.held, self.sent, self.throttled = {}, [], False
+
+    def send(self, line):
+        self.sent.append(orjson.loads(line))
+
+
+def test_a_job_taken_back_before_its_slot_started_never_runs():
+    """The server's cancel can arrive in the same read as its do: the job
+    is held, waiting for the loop to give it a slot, and must not run."""
+    import gevent
+    from deputy_client import Worker
+
+    ran = []
+    worker = Worker(FakeClient(), shared=False)
+    worker.handlers = {"echo": lambda arg: ran.append(arg) or arg}
+    worker.capacity = 4
+    conn = FakeConnection()
+    for wid in (1, 2, 3):
+        worker.take(conn, {"cmd": "do", "id": wid, "type": "echo", "arg": "a%d" % wid})
+    worker.cancel(conn, 2)
+    gevent.sleep(0)         # the loop's turn: the dispatch runs
+    assert ran == ["a1", "a3"]
+    assert conn.sent == [{"cmd": "did", "id": 1, "res": "a1"}, {"cmd": "did", "id": 3, "res": "a3"}]
+    assert (worker.held, worker.running, len(worker.ready)) == (0, 0, 0)
