@@ -2382,7 +2382,10 @@ def parse_number(args, option, kind, low):
 
 
 def parse_http_address(text):
+    """[IP:]PORT; an IPv6 address as in a URL ([::1]:9746) or bare (::1:9746)."""
     host, _, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
     try:
         port = int(port)
     except ValueError:

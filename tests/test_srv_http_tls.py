@@ -108,6 +108,25 @@ def test_http_listens_on_loopback_only_when_given_a_port_alone(http_server):
         socket.create_connection(("127.0.0.2", http_server.http_port), timeout=1).close()
 
 
+def ipv6_loopback():
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.parametrize("form", ["[::1]:%d", "::1:%d"])
+def test_http_takes_an_ipv6_address_with_or_without_brackets(start_server, form):
+    """[::1]:PORT is how a URL writes it; both forms listen on ::1."""
+    http_port = free_port()
+    start_server("--http", form % http_port)
+    with urllib.request.urlopen("http://[::1]:%d/health" % http_port, timeout=5) as reply:
+        assert reply.status == 200
+
+
 def run_jobs(srv, type_name, count, result="ok"):
     worker, client = srv.connect(), srv.connect()
     worker.send({"cmd": "can_do", "types": [type_name]})

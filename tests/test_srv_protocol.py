@@ -916,6 +916,20 @@ def test_a_number_in_an_unknown_field_does_not_refuse_an_exact_payload(conn, sha
     assert client.expect("did", id="z")["res"] == {"r": 0.0}
 
 
+@pytest.mark.parametrize("other", [b"1e400", b'{"deep":[-1e400]}', b'"\\ud800"'])
+def test_a_value_orjson_cannot_read_refuses_the_line_even_in_an_unknown_field(conn, shared, other):
+    """What README says: a number beyond a double's range or a lone
+    surrogate makes the whole line invalid, wherever it is; the message is
+    refused with its id and nothing is queued."""
+    c = conn()
+    t = fresh_type()
+    c.send_raw(b'{"cmd":"do","id":"inf","type":"' + t.encode() + b'","arg":1,"trace":'
+               + other + b"}\r\n")
+    expect_error(c, id="inf")
+    assert t not in sync_quiet(c)["types"], "the refused job must not be queued"
+    still_usable(c, shared)
+
+
 def test_deep_nesting_elsewhere_in_the_line_does_not_let_an_inexact_payload_through(conn, shared):
     """The second, exact parse cannot go as deep as orjson: a line it cannot
     check is refused, not passed on with its payload altered."""
