@@ -807,8 +807,9 @@ class Job:
 
     def get(self, timeout=None):
         if self._state == PENDING:
-            if timeout is not None and timeout != timeout:
-                raise DeputyError("timeout must be a number of seconds or None, not NaN")
+            if timeout is not None and (timeout != timeout or timeout is True or timeout is False):
+                raise DeputyError("timeout must be a number of seconds or None, not %r"
+                                  % (timeout,))
             if self._event is None:
                 self._event = gevent.event.Event()
             if not self._event.wait(timeout):
@@ -1416,7 +1417,12 @@ class Client:
         if callable(handlers) and not isinstance(handlers, dict):
             self.worker.add({handlers.__name__: handlers}, capacity)
             return handlers
-        self.worker.add(dict(handlers), capacity)
+        try:
+            handlers = dict(handlers)
+        except (TypeError, ValueError):     # a list of names, say
+            raise TypeError("can_do takes {type name: handler}, a type name or a function, "
+                            "not %r" % (handlers,)) from None
+        self.worker.add(handlers, capacity)
         return None
 
     def cant_do(self, *types):
@@ -1552,9 +1558,12 @@ def is_number(value):
 
 
 def check_capacity(capacity):
+    """Checked before anything is kept: a capacity the protocol cannot carry
+    (beyond 64 bits), found only when can_do is encoded, would fail every
+    later (re)connection."""
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
-                                 or capacity < 1):
-        raise DeputyError("capacity must be an integer >= 1, got %r" % (capacity,))
+                                 or not 1 <= capacity < 2 ** 64):
+        raise DeputyError("capacity must be an integer from 1 to 2**64-1, got %r" % (capacity,))
 
 
 def check_type_name(job_type):

@@ -663,13 +663,31 @@ def test_can_do_checks_its_arguments(shared_server, clients):
         worker.can_do({"": len})
     with pytest.raises(DeputyError, match="non-empty"):
         worker.can_do("")
+    with pytest.raises(DeputyError, match="2\\*\\*64"):
+        worker.can_do({"t": len}, capacity=2 ** 64)     # the protocol carries 64 bits
+    with pytest.raises(TypeError, match="type name: handler"):
+        worker.can_do(["t", "u"])
     assert worker.worker.handlers == {}
+
+
+def test_a_refused_capacity_leaves_the_client_working(shared_server, clients):
+    """Checked before it is kept: a capacity beyond 64 bits, found only when
+    can_do was encoded, used to make every later connection fail."""
+    t = job_type()
+    worker = clients(shared_server.address)
+    with pytest.raises(DeputyError):
+        worker.can_do({t: str.upper}, capacity=2 ** 70)
+    worker.can_do({t: str.upper}, capacity=2 ** 64 - 1)
+    assert clients(shared_server.address).call(t, "ok", timeout=WAIT) == "OK"
+    assert worker.metrics(timeout=WAIT)["workers"] >= 1
 
 
 def test_get_with_a_nan_timeout_is_refused_not_a_wait_forever(clients):
     job = clients(("127.0.0.1", free_port())).do(job_type(), 1)
-    with pytest.raises(DeputyError, match="NaN"):
+    with pytest.raises(DeputyError, match="nan"):
         job.get(timeout=float("nan"))
+    with pytest.raises(DeputyError, match="True"):
+        job.get(timeout=True)       # a boolean is no number of seconds
 
 
 class UnprintableError(Exception):
