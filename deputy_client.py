@@ -882,9 +882,19 @@ class Job:
     def _start_deadline_timer(self, seconds):
         """The server fails a job past its timeout; this covers a server
         that cannot be reached (or does not answer) by then."""
-        self._timer = start_timer(seconds + TIMEOUT_GRACE, self._deadline_passed)
+        self._timer = start_timer(seconds, self._deadline_passed)
 
     def _deadline_passed(self):
+        """A job no server holds (it waits for one) fails at its deadline;
+        one a server holds waits TIMEOUT_GRACE more for the server's own
+        answer, which counts: a result may be on its way."""
+        if self._state == PENDING and self._conn is not None:
+            self._timer.close()
+            self._timer = start_timer(TIMEOUT_GRACE, self._grace_passed)
+        else:
+            self._grace_passed()
+
+    def _grace_passed(self):
         if self._state == PENDING:
             conn, self._conn = self._conn, None
             if conn is not None and conn.pending.pop(self.id, None) is self:
