@@ -1190,15 +1190,16 @@ class Broker:
         for kind in kinds:
             self.kick(kind)
 
-    def lost_attempt(self, job):
-        """Count a lost hand-out; requeue the job (True) or fail it."""
+    def lost_attempt(self, job, failure="job failed: its worker was lost %d times"):
+        """Count a lost hand-out; requeue the job (True) or fail it with
+        failure % attempts, which says how the last attempt was lost."""
         if not job.wanted():        # nobody waits for it: no point redoing it
             job.state = FINISHED
             self.forget(job)
             return False
         job.attempts += 1
         if job.attempts >= self.max_attempts:
-            self.fail(job, "job failed: its worker was lost %d times" % job.attempts)
+            self.fail(job, failure % job.attempts)
             return False
         self.counters.jobs_reassigned += 1
         self.requeue_front(job)
@@ -1221,7 +1222,7 @@ class Broker:
             return
         self.take_back(job)
         worker.link.send(encode_cancel(wid))
-        if self.lost_attempt(job):
+        if self.lost_attempt(job, "job failed: %d attempts lost, the last by running past its ttr"):
             self.kick(job.kind)
         self.worker_ready(worker)
 
