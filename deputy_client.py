@@ -1225,10 +1225,8 @@ class Client:
             raise DeputyError("secret must be a str, got %r" % (type(secret).__name__,))
         self.secret = secret if secret is not None else os.environ.get("DEPUTY_SECRET") or None
         self.ssl_context = ssl_context_for(tls)
-        for name, seconds in (("connect_timeout", connect_timeout), ("backoff_max", backoff_max)):
-            if not is_number(seconds) or not 0 < seconds < float("inf"):
-                raise DeputyError("%s must be a positive number of seconds, got %r"
-                                  % (name, seconds))
+        check_seconds("connect_timeout", connect_timeout)
+        check_seconds("backoff_max", backoff_max)
         self.connect_timeout = connect_timeout
         self.backoff_initial = min(BACKOFF_INITIAL, backoff_max)
         self.backoff_max = backoff_max
@@ -1269,20 +1267,28 @@ class Client:
         """Submit a job; returns its Job at once (nothing is waited for)."""
         if self.closed:
             raise ClientClosed("client is closed")
+        # Every option is checked here, as the server would: a bad one is
+        # the caller's mistake, raised at the call rather than from get().
+        if not isinstance(type, str) or not type:
+            raise DeputyError("a job type is a non-empty string, got %r" % (type,))
         fields = {"cmd": "do", "id": str(next(self._ids)), "type": type, "arg": arg}
-        if priority:
+        if priority.__class__ is not int or priority:
+            check_priority(priority)
             fields["priority"] = priority
-        if bg:
-            fields["bg"] = bg
+        if bg is not False:
+            if bg is not True:
+                raise DeputyError("bg must be True or False, got %r" % (bg,))
+            fields["bg"] = True
         if unique is not None:
+            if not isinstance(unique, str):
+                raise DeputyError("unique must be a string, got %r" % (unique,))
             fields["unique"] = unique
         if ttr is not None:
+            check_seconds("ttr", ttr)
             fields["ttr"] = ttr
         deadline = None
         if timeout is not None:
-            if not is_number(timeout) or not timeout > 0:
-                raise DeputyError("timeout must be a positive number of seconds, got %r"
-                                  % (timeout,))
+            check_seconds("timeout", timeout)
             fields["timeout"] = timeout
             deadline = time.monotonic() + timeout
         try:
@@ -1565,6 +1571,18 @@ def add_metric(key, total, value):
 
 def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_priority(priority):
+    if isinstance(priority, bool) or not isinstance(priority, int) \
+            or not -2 ** 63 <= priority < 2 ** 64:
+        raise DeputyError("priority must be an integer from -2**63 to 2**64-1, got %r"
+                          % (priority,))
+
+
+def check_seconds(option, seconds):
+    if not is_number(seconds) or not 0 < seconds < float("inf"):
+        raise DeputyError("%s must be a positive number of seconds, got %r" % (option, seconds))
 
 
 def check_capacity(capacity):

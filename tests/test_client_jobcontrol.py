@@ -286,10 +286,34 @@ def test_a_progress_callback_that_raises_a_timeout_does_not_end_the_connection(
     assert any("on_progress callback" in r.getMessage() for r in caplog.records)
 
 
-def test_a_bad_option_is_refused_by_the_server(shared_server, clients):
+@pytest.mark.parametrize("options, says", [
+    (dict(ttr=-1), "ttr"), (dict(ttr=0), "ttr"), (dict(ttr="5"), "ttr"), (dict(ttr=True), "ttr"),
+    (dict(timeout=0), "timeout"), (dict(timeout=True), "timeout"),
+    (dict(priority=1.5), "priority"), (dict(priority=True), "priority"),
+    (dict(priority=False), "priority"), (dict(priority=2 ** 64), "priority"),
+    (dict(priority=-2 ** 63 - 1), "priority"), (dict(bg=1), "bg"), (dict(bg="yes"), "bg"),
+    (dict(unique=5), "unique"), (dict(type=""), "type"), (dict(type=12345), "type"),
+])
+def test_a_bad_option_is_refused_at_the_call(shared_server, clients, options, says):
+    """As the server would refuse it, but at do(): nothing is sent, and the
+    mistake shows where it was made, not at get()."""
     submitter = clients(shared_server.address)
-    with pytest.raises(JobFailed, match="refused by"):
-        submitter.call(job_type(), 1, ttr=-1, timeout=WAIT)
+    job_args = dict(type=job_type(), arg=1)
+    job_args.update(options)
+    with pytest.raises(DeputyError, match=says):
+        submitter.do(job_args.pop("type"), **job_args)
+    assert submitter.metrics(timeout=WAIT)["jobs_added"] >= 0      # the client still works
+    assert submitter._backlog == {} and all(not c.pending for c in submitter.connections)
+
+
+def test_the_edges_of_each_option_are_sent(shared_server, clients):
+    t = job_type()
+    worker = clients(shared_server.address)
+    worker.can_do({t: lambda arg: arg})
+    submitter = clients(shared_server.address)
+    for options in (dict(priority=2 ** 64 - 1), dict(priority=-2 ** 63), dict(bg=False),
+                    dict(unique=""), dict(ttr=1e-3 + 30), dict(timeout=30)):
+        assert submitter.do(t, 7, **options).get(WAIT) == 7
 
 
 # -- the command line ----------------------------------------------------------
