@@ -930,6 +930,19 @@ def test_a_value_orjson_cannot_read_refuses_the_line_even_in_an_unknown_field(co
     still_usable(c, shared)
 
 
+def test_a_key_given_twice_counts_with_its_last_value(conn, shared):
+    worker, client = conn(), conn()
+    t = fresh_type()
+    worker.send({"cmd": "can_do", "types": [t]})
+    sync_quiet(worker)
+    client.send_raw(b'{"cmd":"do","id":"first","id":"last","type":"' + t.encode()
+                    + b'","arg":{"a":1,"a":2}}\r\n')
+    job = worker.expect("do")
+    assert job["arg"] == {"a": 2}
+    worker.send({"cmd": "did", "id": job["id"], "res": None})
+    client.expect("did", id="last")
+
+
 def test_deep_nesting_elsewhere_in_the_line_does_not_let_an_inexact_payload_through(conn, shared):
     """The second, exact parse cannot go as deep as orjson: a line it cannot
     check is refused, not passed on with its payload altered."""
