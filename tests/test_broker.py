@@ -35,6 +35,14 @@ class FakeLink:
         return sent
 
 
+def wait_for(condition, seconds=5):
+    """Let the loop run (timers fire) until condition() holds, within seconds:
+    a fixed sleep is too short on a busy machine."""
+    with gevent.Timeout(seconds):
+        while not condition():
+            gevent.sleep(0.001)
+
+
 def sub(id, type="echo", arg=None, **options):
     """The job a `do` message with these fields becomes."""
     msg = dict({"cmd": "do", "id": id, "type": type, "arg": arg}, **options)
@@ -255,14 +263,14 @@ def test_ttr_takes_a_job_back_and_a_late_did_is_refused(broker):
     w, wl = worker(broker)
     broker.submit(client, sub(1, ttr=0.01))
     wid = wl.take()[0]["id"]
-    gevent.sleep(0.05)
+    wait_for(lambda: len(wl.sent) >= 2)
     sent = wl.take()
     assert sent[0] == {"cmd": "cancel", "id": wid}
     assert sent[1]["cmd"] == "do" and sent[1]["id"] != wid
     with pytest.raises(ProtocolError):
         broker.did(w, wid, b"1", None)
     assert broker.counters.jobs_reassigned >= 1
-    gevent.sleep(0.1)                       # each expiry is a lost attempt
+    wait_for(lambda: cl.sent)               # each expiry is a lost attempt
     reply = cl.take()
     assert len(reply) == 1 and reply[0]["err"] == "job failed: 3 attempts lost, the last by running past its ttr"
 
@@ -287,7 +295,7 @@ def test_a_ttr_counts_from_the_hand_out_even_late_in_a_long_loop_turn(broker):
 def test_timeout_answers_the_submitter_and_drops_the_job(broker):
     client, cl = peer(broker)
     broker.submit(client, sub(1, timeout=0.01))
-    gevent.sleep(0.05)
+    wait_for(lambda: cl.sent)
     assert cl.take() == [{"cmd": "did", "id": 1, "err": "timeout"}]
     w, wl = worker(broker)
     assert wl.take() == []
@@ -446,9 +454,7 @@ def test_a_long_run_of_a_paused_connections_jobs_is_set_aside_over_several_turns
     broker.pause(slow)
     w, wl = worker(broker)
     assert wl.take() == [] and len(slow.held_back) == deputy_server.SET_ASIDE_PER_TURN
-    with gevent.Timeout(5):
-        while not w.held:
-            gevent.sleep(0.001)
+    wait_for(lambda: w.held)
     [do] = wl.take()
     assert w.held[do["id"]].owner is fast and len(slow.held_back) == count
     broker.did(w, do["id"], b"1", None)
@@ -473,7 +479,7 @@ def test_a_connection_leaves_in_steps_and_none_of_its_jobs_goes_out_meanwhile(br
     assert 0 < broker.counters.jobs_abandoned < count
     broker.resume(leaving)          # its output drained meanwhile: it stays paused
     w, wl = worker(broker)
-    gevent.sleep(0.05)              # a set-aside that needs more turns gets them
+    wait_for(lambda: w.held)        # a set-aside that needs more turns gets them
     [do] = wl.take()
     assert w.held[do["id"]].owner is other
     broker.did(w, do["id"], b"1", None)
