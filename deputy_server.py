@@ -82,6 +82,8 @@ BIG_PIECE = 32 * 1024                   # payloads this big are sent as they are
 SMALL_PIECE = 4096                      # pieces of an unended line smaller than this are merged
 COMPACT_AFTER = 1024                    # dead entries a job queue keeps before compacting
 SET_ASIDE_PER_TURN = 2000               # a paused connection's queued jobs set aside per turn
+HAND_OUT_PER_TURN = 1000                # jobs one worker is given at once (a huge capacity)
+FEW_TYPES = 16                          # a worker of more types: scan only those with jobs
 LEAVE_PER_TURN = 5000                   # a departing connection's jobs dropped per turn
 CLOSE_FLUSH_TIMEOUT = 5.0                # seconds to flush a goodbye before closing
 # The cyclic GC's youngest generation: collect after this many new objects,
@@ -650,7 +652,7 @@ class Peer:
     as a worker, and the jobs it submitted and waits for."""
 
     __slots__ = ("link", "name", "kinds", "capacity", "held", "jobs", "paused",
-                 "held_back", "deadlines", "closed", "authed")
+                 "held_back", "deadlines", "closed", "authed", "ready_later")
 
     def __init__(self, link, name=""):
         # The connection: link.send(bytes) and link.send_many(pieces of one
@@ -667,6 +669,7 @@ class Peer:
         self.deadlines = None       # submitter id -> timeout timer, when used
         self.closed = False
         self.authed = False
+        self.ready_later = None     # a timer: more jobs for it next turn (worker_ready)
 
 
 class Counters:
@@ -731,6 +734,9 @@ class Broker:
             return
         peer.closed = True
         peer.paused = True
+        if peer.ready_later is not None:
+            peer.ready_later.close()
+            peer.ready_later = None
         c = self.counters
         c.connections_open -= 1
         self.cant_do(peer, [kind.name for kind in peer.kinds])
@@ -793,16 +799,26 @@ class Broker:
 
     def worker_ready(self, peer):
         """peer may have free slots: fill them from its queues, oldest
-        (highest priority) job first across its types, then park it."""
+        (highest priority) job first across its types, then park it. At
+        most HAND_OUT_PER_TURN jobs at once: a worker with a huge capacity
+        gets the rest in later turns, after everyone else's."""
         held, capacity = peer.held, peer.capacity
-        given = False
+        given = 0
+        kinds = peer.kinds
+        if len(kinds) > FEW_TYPES and len(held) < capacity:
+            # Only the types with queued jobs, found once, not once a job
+            # (10,000 types and a big capacity made one can_do stall all).
+            kinds = [kind for kind in kinds if kind.queued]
         while len(held) < capacity and not self.draining and not peer.paused:
-            job = self.best_job_for(peer)
+            job = self.best_job_for(kinds)
             if job is None:
                 break
             job.kind.queue.pop_head()
             self.assign(job, peer)
-            given = True
+            given += 1
+            if given == HAND_OUT_PER_TURN:
+                self.ready_next_turn(peer)
+                break
         if len(held) < capacity and not peer.paused and not peer.closed:     # a free slot
             for kind in peer.kinds:
                 if peer not in kind.idle:
@@ -813,9 +829,19 @@ class Broker:
             for kind in peer.kinds:
                 kind.idle.pop(peer, None)
 
-    def best_job_for(self, peer):
+    def ready_next_turn(self, peer):
+        if peer.ready_later is None:
+            peer.ready_later = self.start_timer(0, self.ready_again, peer)
+
+    def ready_again(self, peer):
+        peer.ready_later.close()
+        peer.ready_later = None
+        if not peer.closed:
+            self.worker_ready(peer)
+
+    def best_job_for(self, kinds):
         best = None
-        for kind in peer.kinds:
+        for kind in kinds:
             if not kind.queued:
                 continue
             job = self.dispatchable_head(kind)
@@ -936,14 +962,19 @@ class Broker:
                     other.idle.move_to_end(peer)
 
     def kick(self, kind):
-        """Give kind's queued jobs to its idle workers."""
+        """Give kind's queued jobs to its idle workers, HAND_OUT_PER_TURN at
+        most before the others have a turn (a worker of huge capacity)."""
         idle = kind.idle
+        budget = HAND_OUT_PER_TURN
         while idle and kind.queued and not self.draining:
             job = self.dispatchable_head(kind)
             if job is None:
                 return
             kind.queue.pop_head()
             self.assign_idle(job, next(iter(idle)))
+            budget -= 1
+            if not budget:
+                return self.kick_next_turn(kind)
 
     # -- submitters ----------------------------------------------------------
 

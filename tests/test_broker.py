@@ -441,6 +441,59 @@ def test_a_set_aside_job_whose_owner_leaves_is_dropped_not_stuck(broker):
     assert broker.metrics()["types"]["echo"]["queued"] == 0
 
 
+def test_a_worker_of_many_types_and_a_huge_capacity_gets_its_jobs_over_several_turns(broker):
+    """One can_do of 10,000 types with capacity 10**9, with jobs queued,
+    stalled the server for 20 s (each job scanned every type): the types
+    with jobs are found once, and HAND_OUT_PER_TURN jobs go out a turn, so
+    another worker is served in between."""
+    per_turn = deputy_server.HAND_OUT_PER_TURN
+    client, cl = peer(broker)
+    count = per_turn * 2 + 5
+    for n in range(count):
+        broker.submit(client, sub(n))
+    types = ["junk%d" % n for n in range(deputy_server.FEW_TYPES * 4)] + ["echo"]
+    big, bl = worker(broker, types, capacity=10 ** 9)
+    assert len(big.held) == per_turn            # the rest next turn
+    other, ol = worker(broker, ["other"])
+    broker.submit(client, sub("o", type="other"))
+    [do] = ol.take()                            # served before big's next turn
+    assert len(big.held) == per_turn
+    wait_for(lambda: len(big.held) == count)
+    assert [m["arg"] for m in bl.take()] == [None] * count
+    assert [big.held[w].owner_id for w in sorted(big.held)] == list(range(count))   # in order
+
+
+def test_a_queue_kicked_to_an_idle_worker_of_huge_capacity_goes_out_over_several_turns(broker):
+    """kick() too: a paused submitter's set-aside jobs come back when it
+    drains, and an idle worker of capacity 10**9 takes them a turn's worth
+    at a time."""
+    per_turn = deputy_server.HAND_OUT_PER_TURN
+    big, bl = worker(broker, ["echo"], capacity=10 ** 9)
+    slow, _ = peer(broker)
+    broker.pause(slow)
+    count = per_turn * 2 + 5
+    for n in range(count):
+        broker.submit(slow, sub(n))
+    assert big.held == {}
+    broker.resume(slow)
+    assert len(big.held) == per_turn
+    wait_for(lambda: len(big.held) == count)
+    assert sorted(job.owner_id for job in big.held.values()) == list(range(count))
+
+
+def test_a_worker_that_leaves_before_its_next_turn_is_given_nothing_more(broker):
+    per_turn = deputy_server.HAND_OUT_PER_TURN
+    client, cl = peer(broker)
+    for n in range(per_turn + 5):
+        broker.submit(client, sub(n))
+    big, bl = worker(broker, ["junk%d" % n for n in range(40)] + ["echo"], capacity=10 ** 9)
+    assert len(big.held) == per_turn
+    for _ in broker.leave(big):
+        pass
+    gevent.sleep(0.01)
+    assert broker.metrics()["jobs_queued"] == per_turn + 5 and big.held == {}
+
+
 def test_a_long_run_of_a_paused_connections_jobs_is_set_aside_over_several_turns(broker):
     """Setting aside 200,000 queued jobs in one go stalled everyone for
     400 ms: a bounded number per turn, and the job behind them goes out
