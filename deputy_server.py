@@ -652,7 +652,7 @@ class Peer:
     as a worker, and the jobs it submitted and waits for."""
 
     __slots__ = ("link", "name", "kinds", "capacity", "held", "jobs", "paused",
-                 "held_back", "deadlines", "closed", "authed", "ready_later")
+                 "held_back", "deadlines", "closed", "authed", "ready_later", "got_results")
 
     def __init__(self, link, name=""):
         # The connection: link.send(bytes) and link.send_many(pieces of one
@@ -670,6 +670,7 @@ class Peer:
         self.closed = False
         self.authed = False
         self.ready_later = None     # a timer: more jobs for it next turn (worker_ready)
+        self.got_results = False    # a drain waits for its output to be delivered
 
 
 class Counters:
@@ -1161,6 +1162,7 @@ class Broker:
         if owner is not None:
             sub_id = job.owner_id
             del owner.jobs[sub_id]          # answered(), inlined: once per job
+            owner.got_results = True
             if owner.deadlines:
                 self.stop_deadline(owner, sub_id)
             if len(value_json) >= BIG_PIECE:    # a big payload goes out as it is, not copied
@@ -1172,6 +1174,7 @@ class Broker:
         if job.joined:      # one value for every joined submitter, not a copy each
             for peer, sub_id in job.joined:
                 self.answered(peer, sub_id)
+                peer.got_results = True
                 peer.link.send_many((reply_prefix(sub_id) + field, value_json, b"}\r\n"))
 
     def answered(self, peer, sub_id):
@@ -2287,16 +2290,18 @@ class Server:
         self.stop()
 
     def flush_connections(self, timeout):
-        """Wait up to timeout for every connection's output to reach its
-        peer (a result still in the server's output, or in the kernel's, is
-        not delivered yet: a slow submitter's last one is sent whole, not
-        cut off); -> how many connections still have output unsent."""
+        """Wait up to timeout for the output of every connection that was
+        sent results to reach its peer (a result still in the server's
+        output, or in the kernel's, is not delivered yet: a slow submitter's
+        last one is sent whole, not cut off); -> how many connections still
+        have output unsent. Only those: replies to a connection that never
+        got a result (metrics it asks for and does not read) hold nothing up."""
         gevent.sleep(0.01)          # the flush callbacks scheduled just now
         deadline = monotonic() + timeout
         while True:
             unsent = sum(1 for conn in self.connections
-                         if not conn.sock.closed and (conn.out or conn.writer_owns_socket
-                                                      or unacknowledged(conn.sock)))
+                         if conn.peer.got_results and not conn.sock.closed
+                         and (conn.out or conn.writer_owns_socket or unacknowledged(conn.sock)))
             if not unsent or monotonic() >= deadline:
                 return unsent
             gevent.sleep(0.01)

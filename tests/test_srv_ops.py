@@ -531,6 +531,21 @@ def test_sigterm_with_nothing_running_still_sends_the_results_not_yet_written(st
     assert srv.wait(5) == 0
 
 
+def test_replies_a_connection_does_not_read_do_not_hold_an_idle_drain(start_server):
+    """SPEC 4: with no job in flight, SIGTERM exits at once. A connection
+    that asks for metrics thousands of times and reads nothing is owed no
+    result: its unsent replies held the exit for the whole drain timeout."""
+    srv = start_server("--drain-timeout", "20")
+    flooder = srv.connect()
+    flooder.send_raw(b'{"cmd":"metrics"}\r\n' * 20000)
+    time.sleep(1)                           # its replies fill the buffers
+    t0 = time.monotonic()
+    srv.signal(signal.SIGTERM)
+    assert srv.wait(10) == 0
+    assert time.monotonic() - t0 < 5, "unread replies held the drain"
+    flooder.close()
+
+
 def test_one_drain_timeout_bounds_the_running_jobs_and_the_unsent_results_together(
         start_server):
     srv = big_result_server(start_server, "--drain-timeout", "3")
