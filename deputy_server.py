@@ -1385,6 +1385,16 @@ def format_address(address):
     return str(address or "unix")
 
 
+AUTH_LINE = 64 * 1024       # the longest line before authentication (or 6 x the secret)
+
+
+def auth_line_limit(server):
+    """Until a connection authenticates, only `auth` is read: a line needs
+    room for the secret (JSON escapes make a character up to 6 bytes), not
+    --max-line, so that strangers cannot make the server hold 1 MiB each."""
+    return min(server.max_line, max(AUTH_LINE, 6 * len(server.secret) + 100))
+
+
 class Connection:
     """One client socket, from accept to close.
 
@@ -1409,7 +1419,7 @@ class Connection:
         self.broker = server.broker
         self.sock = sock
         self.name = format_address(address)
-        self.max_line = server.max_line
+        self.max_line = server.max_line if server.secret is None else auth_line_limit(server)
         self.high_water = server.high_water
         self.out = []               # bytes not yet given to the kernel
         self.out_bytes = 0          # their total
@@ -1442,6 +1452,7 @@ class Connection:
     def authenticated(self):
         self.peer.authed = True
         self.handlers = COMMANDS
+        self.max_line = self.server.max_line
 
     # -- the broker's interface ----------------------------------------------
 
@@ -1636,7 +1647,9 @@ class Connection:
         self.partial_len = 0
         if tail:
             self.keep_partial(tail)
-            if self.partial_len > self.max_line + 1:
+            # The server's limit, not the connection's: before auth the
+            # lines before it may hold the auth that lifts the lower one.
+            if self.partial_len > self.server.max_line + 1:
                 self.line_too_long()
                 return None
         return lines
@@ -1713,7 +1726,8 @@ class Connection:
                 return None
             if self.peer.paused:        # replies to this very batch filled the buffer
                 return lines[index + 1:]
-            handlers = self.handlers    # auth swaps them
+            if self.handlers is not handlers:   # auth swapped them, and the line limit
+                handlers, max_line = self.handlers, self.max_line
         return None
 
     def handle_lines_in_turns(self, lines):

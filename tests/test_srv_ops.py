@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+import deputy_server
+
 from rawhelpers import (
     wait_unix_ready, assert_same,
     ServerProcess, did, do, expect_error, line, sync, sync_quiet, take_job,
@@ -64,6 +66,42 @@ def test_auth_pipelined_with_commands(start_server):
     c.send_raw(line(auth(SECRET)) + b'{"cmd":"metrics"}\r\n')
     c.expect("auth", ok=True)
     c.expect("metrics")
+
+
+def test_before_auth_a_line_longer_than_the_auth_limit_is_refused_and_closed(start_server):
+    """A stranger cannot make the server hold --max-line (1 MiB) per
+    connection: until auth, a line may be AUTH_LINE bytes long."""
+    srv = start_server("--secret", SECRET)
+    c = srv.connect()
+    c.send_raw(b'{"cmd":"auth","secret":"' + b"a" * deputy_server.AUTH_LINE)
+    msg = expect_error(c)
+    assert "line too long" in msg["error"] and str(deputy_server.AUTH_LINE) in msg["error"]
+    assert c.is_closed(3)
+    assert authed(srv)                      # others can still come in
+
+
+def test_after_auth_lines_may_be_max_line_long_in_the_same_read(start_server):
+    """The limit goes back to --max-line at auth, for the lines that came
+    in the same read too."""
+    srv = start_server("--secret", SECRET)
+    w = authed(srv)
+    w.send({"cmd": "can_do", "types": ["t"]})
+    sync_quiet(w)
+    c = srv.connect()
+    big = "x" * (deputy_server.AUTH_LINE * 2)
+    c.send_raw(line(auth(SECRET)) + line(do(1, "t", big)))
+    c.expect("auth", ok=True)
+    j = take_job(w, "t")
+    assert j["arg"] == big
+    w.send(did(j["id"], res="ok"))
+    c.expect("did", id=1, res="ok")
+
+
+def test_a_long_secret_still_fits_before_auth(start_server, tmp_path):
+    secret = "s" * (deputy_server.AUTH_LINE * 2)
+    (tmp_path / "secret").write_text(secret)
+    srv = start_server("--secret-file", str(tmp_path / "secret"))
+    assert authed(srv, secret=secret)
 
 
 @pytest.mark.parametrize("first", [
