@@ -83,6 +83,8 @@ SMALL_PIECE = 4096                      # pieces of an unended line smaller than
 COMPACT_AFTER = 1024                    # dead entries a job queue keeps before compacting
 SET_ASIDE_PER_TURN = 2000               # a paused connection's queued jobs set aside per turn
 HAND_OUT_PER_TURN = 1000                # jobs one worker is given at once (a huge capacity)
+KEEP_UNUSED_TYPES = 10000               # types with no job and no worker still listed
+KEEP_UNUSED_TYPE_BYTES = 16 * 1024 * 1024   # ... and at most this much of their names
 FEW_TYPES = 16                          # a worker of more types: scan only those with jobs
 LEAVE_PER_TURN = 5000                   # a departing connection's jobs dropped per turn
 CLOSE_FLUSH_TIMEOUT = 5.0                # seconds to flush a goodbye before closing
@@ -704,7 +706,9 @@ class Broker:
         self.max_types = max_types
         self.default_ttr = default_ttr
         self.loop = loop or gevent.get_hub().loop
-        self.kinds = {}             # type name -> JobType
+        self.kinds = {}             # type name -> JobType, oldest first
+        self.new_kinds = self.new_kind_bytes = 0    # made since forget_unused_kinds
+        self.forgotten = {"jobs_done": 0, "jobs_failed": 0}     # of the types forgotten
         self.unique = {}            # (type name, key) -> Job
         self.counters = Counters()
         self.next_seq = 0
@@ -766,8 +770,34 @@ class Broker:
     def kind(self, name):
         kind = self.kinds.get(name)
         if kind is None:
+            self.new_kinds += 1
+            self.new_kind_bytes += len(name)
+            if self.new_kinds > KEEP_UNUSED_TYPES or self.new_kind_bytes > KEEP_UNUSED_TYPE_BYTES:
+                self.forget_unused_kinds()
             kind = self.kinds[name] = JobType(name)
         return kind
+
+    def forget_unused_kinds(self):
+        """Types are kept once seen (metrics lists them, with their counts),
+        but not without bound: of the types nothing is queued, running or
+        able to do, only the newest KEEP_UNUSED_TYPES (KEEP_UNUSED_TYPE_BYTES
+        of names) are kept. Their done and failed counts stay in the totals.
+        Runs once per KEEP_UNUSED_TYPES new types (or bytes of their names)."""
+        self.new_kinds = self.new_kind_bytes = 0
+        unused = [kind for kind in self.kinds.values()
+                  if not (kind.queued or kind.running or kind.workers or kind.kick_later)]
+        kept_bytes = 0
+        keep = 0
+        for kind in reversed(unused):       # the newest first
+            kept_bytes += len(kind.name)
+            if keep == KEEP_UNUSED_TYPES or kept_bytes > KEEP_UNUSED_TYPE_BYTES:
+                break
+            keep += 1
+        forgotten = self.forgotten
+        for kind in unused[:len(unused) - keep]:
+            forgotten["jobs_done"] += kind.done
+            forgotten["jobs_failed"] += kind.failed
+            del self.kinds[kind.name]
 
     # -- workers -------------------------------------------------------------
 
@@ -1330,7 +1360,7 @@ class Broker:
 
     def job_totals(self):
         """Jobs done, failed, queued and running, over every type."""
-        totals = dict.fromkeys(("jobs_done", "jobs_failed", "jobs_queued", "jobs_running"), 0)
+        totals = dict(self.forgotten, jobs_queued=0, jobs_running=0)
         for kind in self.kinds.values():
             totals["jobs_done"] += kind.done
             totals["jobs_failed"] += kind.failed

@@ -494,6 +494,43 @@ def test_a_worker_that_leaves_before_its_next_turn_is_given_nothing_more(broker)
     assert broker.metrics()["jobs_queued"] == per_turn + 5 and big.held == {}
 
 
+def test_unused_types_are_forgotten_beyond_a_bound_and_their_counts_stay_in_the_totals(
+        broker, monkeypatch):
+    """Type names came for ever: can_do and cant_do of fresh names grew the
+    server by 900 bytes a name. Types with no job and no worker are kept up
+    to KEEP_UNUSED_TYPES, the newest; the others are never forgotten."""
+    monkeypatch.setattr(deputy_server, "KEEP_UNUSED_TYPES", 5)
+    client, cl = peer(broker)
+    busy, bl = worker(broker, ["busy"])             # a worker: kept
+    broker.submit(client, sub("q", type="queued"))  # a queued job: kept
+    for n in range(3):                              # done jobs: counted, then unused
+        w, wl = worker(broker, ["done%d" % n])
+        broker.submit(client, sub("d%d" % n, type="done%d" % n))
+        answer_the_job_handed_out(broker, w, wl, b"1")
+        broker.cant_do(w, ["done%d" % n])
+    for n in range(40):
+        w, _ = worker(broker, ["junk%d" % n])
+        broker.cant_do(w, ["junk%d" % n])
+    m = broker.metrics()
+    unused = [t for t, f in m["types"].items() if not (f["queued"] or f["running"] or f["workers"])]
+    assert "busy" in m["types"] and "queued" in m["types"]
+    assert len(unused) <= 2 * 5 + 1                 # swept every 5 new ones, the newest kept
+    assert "junk39" in m["types"] and "junk0" not in m["types"]
+    assert m["jobs_done"] == 3 and m["jobs_queued"] == 1
+    broker.submit(client, sub("b", type="busy"))    # still works for the kept ones
+    assert bl.take()[0]["type"] == "busy"
+
+
+def test_types_with_long_names_are_forgotten_by_their_bytes_too(broker, monkeypatch):
+    monkeypatch.setattr(deputy_server, "KEEP_UNUSED_TYPE_BYTES", 10000)
+    for n in range(50):
+        w, _ = worker(broker, ["%04d" % n + "x" * 1000])
+        broker.cant_do(w, ["%04d" % n + "x" * 1000])
+    names = broker.metrics()["types"]
+    assert sum(map(len, names)) <= 2 * 10000 + 1004
+    assert "0049" + "x" * 1000 in names
+
+
 def test_a_long_run_of_a_paused_connections_jobs_is_set_aside_over_several_turns(broker):
     """Setting aside 200,000 queued jobs in one go stalled everyone for
     400 ms: a bounded number per turn, and the job behind them goes out
