@@ -1415,6 +1415,31 @@ def format_address(address):
     return str(address or "unix")
 
 
+class LogThrottle:
+    """At most `burst` lines per `window` seconds of the messages one
+    connection can cause (a refused line, a failed auth or TLS handshake):
+    a client reconnecting in a loop must not fill the disk with them. What
+    was held back is counted in the first line of the next window."""
+
+    def __init__(self, burst=20, window=10.0):
+        self.burst, self.window = burst, window
+        self.window_ends = float("-inf")
+        self.logged = self.held_back = 0
+
+    def log(self, level, text, *args):
+        now = monotonic()
+        if now >= self.window_ends:
+            if self.held_back:
+                log.log(level, "(%d more such messages in %.0f s were not logged)",
+                        self.held_back, self.window)
+            self.window_ends, self.logged, self.held_back = now + self.window, 0, 0
+        if self.logged < self.burst:
+            self.logged += 1
+            log.log(level, text, *args)
+        else:
+            self.held_back += 1
+
+
 AUTH_LINE = 64 * 1024       # the longest line before authentication (or 6 x the secret)
 
 
@@ -1801,14 +1826,15 @@ class Connection:
         self.send(encode_error(exc.text, id))
         if not self.logged_error:
             self.logged_error = True
-            log.info("%s: refused a message: %s (further errors on this connection are "
-                     "not logged)", self.name, exc.text)
+            self.server.log_throttle.log(
+                logging.INFO, "%s: refused a message: %s (further errors on this connection "
+                "are not logged)", self.name, exc.text)
         if not self.peer.authed:
             self.close()
 
     def line_too_long(self):
         self.send(encode_error("line too long (limit %d bytes)" % self.max_line))
-        log.info("%s: line too long, closing", self.name)
+        self.server.log_throttle.log(logging.INFO, "%s: line too long, closing", self.name)
         self.close()
 
     # -- commands ------------------------------------------------------------
@@ -1851,7 +1877,7 @@ class Connection:
             self.fail_auth('"secret" must be a string')
         if expected is not None and not hmac.compare_digest(
                 secret.encode("utf-8", "surrogatepass"), expected.encode()):
-            log.warning("%s: authentication failed", self.name)
+            self.server.log_throttle.log(logging.WARNING, "%s: authentication failed", self.name)
             self.fail_auth("authentication failed")
         if not self.peer.authed:
             self.authenticated()
@@ -2222,6 +2248,7 @@ class Server:
         self.listeners = []         # those that take jobs: closed by a drain
         self.http = None            # stays up during a drain: /health says so
         self.connections = set()
+        self.log_throttle = LogThrottle()   # what connections make the server log
         self.unix_inode = None
         self.stopped = gevent.event.Event()
         self.exit_code = 0
@@ -2249,7 +2276,8 @@ class Server:
         try:
             tls_sock = self.tls_context.wrap_socket(sock, server_side=True)
         except OSError as exc:      # ssl.SSLError is an OSError
-            log.info("%s: TLS handshake failed: %s", format_address(address), exc)
+            self.log_throttle.log(logging.INFO, "%s: TLS handshake failed: %s",
+                                  format_address(address), exc)
             sock.close()
             return
         try:

@@ -104,6 +104,35 @@ def test_a_long_secret_still_fits_before_auth(start_server, tmp_path):
     assert authed(srv, secret=secret)
 
 
+def test_a_wrong_secret_in_a_loop_does_not_fill_the_log(start_server):
+    """Each failed auth is logged, but at most LogThrottle's burst a window:
+    a client retrying a wrong secret thousands of times a second wrote a
+    megabyte of log in 3 s."""
+    srv = start_server("--secret", SECRET)
+    for n in range(60):
+        c = srv.connect()
+        c.send(auth("wrong-%d" % n))
+        refused_and_closed(c)
+    assert authed(srv)
+    logged = srv.stderr()
+    assert 1 <= logged.count("authentication failed") <= deputy_server.LogThrottle().burst
+    assert logged.count("refused a message") <= deputy_server.LogThrottle().burst
+
+
+def test_the_log_throttle_counts_what_it_held_back(caplog, monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(deputy_server, "monotonic", lambda: clock[0])
+    throttle = deputy_server.LogThrottle(burst=3, window=10)
+    with caplog.at_level("INFO", logger="deputy"):
+        for n in range(10):
+            throttle.log(20, "event %d", n)
+        assert [r.getMessage() for r in caplog.records] == ["event 0", "event 1", "event 2"]
+        clock[0] += 10
+        throttle.log(20, "event %d", 10)
+    assert [r.getMessage() for r in caplog.records][3:] == [
+        "(7 more such messages in 10 s were not logged)", "event 10"]
+
+
 @pytest.mark.parametrize("first", [
     {"cmd": "metrics"},
     {"cmd": "do", "id": 1, "type": "T", "arg": 1},
