@@ -1440,6 +1440,23 @@ class LogThrottle:
             self.held_back += 1
 
 
+class ThrottledErrorLog:
+    """gevent's WSGI server writes a line per malformed request (with the
+    request's bytes) to its error log: through the throttle, at INFO, as
+    the other messages that clients cause."""
+
+    def __init__(self, throttle):
+        self.throttle = throttle
+
+    def write(self, text):
+        text = text.rstrip()
+        if text:
+            self.throttle.log(logging.INFO, "http: %s", text[:200])
+
+    def flush(self):
+        pass
+
+
 AUTH_LINE = 64 * 1024       # the longest line before authentication (or 6 x the secret)
 
 
@@ -2293,7 +2310,8 @@ class Server:
             self.listen(Listener(self.unix_listener(), self.handle), self.unix_path)
         if self.http_address:
             from gevent.pywsgi import WSGIServer
-            self.http = WSGIServer(self.http_address, HttpApp(self), log=None, error_log=log)
+            self.http = WSGIServer(self.http_address, HttpApp(self), log=None,
+                                   error_log=ThrottledErrorLog(self.log_throttle))
             self.listen(self.http, "http://%s:%d" % self.http_address)
             self.listeners.remove(self.http)
         handle = self.handle_tls if self.tls_context else self.handle

@@ -195,6 +195,21 @@ def test_health_and_unknown_paths(http_server):
     assert missing.value.code == 404
 
 
+def test_malformed_http_requests_are_answered_and_their_log_lines_throttled(http_server):
+    """gevent logs a line per bad request, with its bytes: through the
+    server's throttle, so a loop of them cannot fill the log; the server
+    goes on serving HTTP and jobs."""
+    for n in range(60):
+        with socket.create_connection(("127.0.0.1", http_server.http_port), timeout=5) as s:
+            s.sendall(b"GET /%d HTTP/1.1 and junk\r\n\r\n" % n)
+            s.settimeout(5)
+            assert s.recv(100).startswith(b"HTTP/1.1 400")
+    assert http_get(http_server.http_port, "/health")[0] == 200
+    logged = http_server.stderr()
+    assert 1 <= logged.count("and junk") <= 20, logged[-2000:]
+    run_jobs(http_server, "after-bad-http", 1)
+
+
 def test_status_page_is_self_contained(http_server):
     status, content_type, body = http_get(http_server.http_port, "/")
     assert status == 200 and content_type.startswith("text/html")
