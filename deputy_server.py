@@ -1457,6 +1457,22 @@ class ThrottledErrorLog:
         pass
 
 
+def http_handler_class():
+    """gevent's request handler, but a request with too many (or too long)
+    headers is a bad request like any other: gevent prints a traceback for
+    the standard library's HTTPException (imported only with --http)."""
+    from http.client import HTTPException
+    from gevent.pywsgi import WSGIHandler
+
+    class HttpHandler(WSGIHandler):
+        def read_request(self, raw_requestline):
+            try:
+                return super().read_request(raw_requestline)
+            except HTTPException as exc:
+                raise ValueError(str(exc)) from None
+    return HttpHandler
+
+
 AUTH_LINE = 64 * 1024       # the longest line before authentication (or 6 x the secret)
 
 
@@ -2311,7 +2327,8 @@ class Server:
         if self.http_address:
             from gevent.pywsgi import WSGIServer
             self.http = WSGIServer(self.http_address, HttpApp(self), log=None,
-                                   error_log=ThrottledErrorLog(self.log_throttle))
+                                   error_log=ThrottledErrorLog(self.log_throttle),
+                                   handler_class=http_handler_class())
             self.listen(self.http, "http://%s:%d" % self.http_address)
             self.listeners.remove(self.http)
         handle = self.handle_tls if self.tls_context else self.handle

@@ -204,9 +204,15 @@ def test_malformed_http_requests_are_answered_and_their_log_lines_throttled(http
             s.sendall(b"GET /%d HTTP/1.1 and junk\r\n\r\n" % n)
             s.settimeout(5)
             assert s.recv(100).startswith(b"HTTP/1.1 400")
+    with socket.create_connection(("127.0.0.1", http_server.http_port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150))
+                  + b"\r\n")
+        s.settimeout(5)
+        assert s.recv(100).startswith(b"HTTP/1.1 400")      # too many headers
     assert http_get(http_server.http_port, "/health")[0] == 200
     logged = http_server.stderr()
     assert 1 <= logged.count("and junk") <= 20, logged[-2000:]
+    assert "Traceback" not in logged
     run_jobs(http_server, "after-bad-http", 1)
 
 
