@@ -1457,12 +1457,14 @@ class ThrottledErrorLog:
         pass
 
 
-def http_handler_class():
-    """gevent's request handler, but a request with too many (or too long)
-    headers is a bad request like any other: gevent prints a traceback for
-    the standard library's HTTPException (imported only with --http)."""
+def http_server_class():
+    """gevent's WSGI server (imported only with --http), accepting as the
+    job listeners do when out of file descriptors; and its request handler,
+    for which a request with too many (or too long) headers is a bad
+    request like any other (gevent prints a traceback for the standard
+    library's HTTPException)."""
     from http.client import HTTPException
-    from gevent.pywsgi import WSGIHandler
+    from gevent.pywsgi import WSGIHandler, WSGIServer
 
     class HttpHandler(WSGIHandler):
         def read_request(self, raw_requestline):
@@ -1470,7 +1472,10 @@ def http_handler_class():
                 return super().read_request(raw_requestline)
             except HTTPException as exc:
                 raise ValueError(str(exc)) from None
-    return HttpHandler
+
+    class HttpServer(AcceptsOutOfFds, WSGIServer):
+        handler_class = HttpHandler
+    return HttpServer
 
 
 AUTH_LINE = 64 * 1024       # the longest line before authentication (or 6 x the secret)
@@ -2221,9 +2226,9 @@ class StartupError(Exception):
     """A problem that stops the server from starting; one line for the user."""
 
 
-class Listener(gevent.server.StreamServer):
-    """A StreamServer that, out of file descriptors, says so in one log
-    line every 10 s (gevent prints a traceback a second) and stops
+class AcceptsOutOfFds:
+    """For a gevent StreamServer: out of file descriptors, it says so in one
+    log line every 10 s (gevent prints a traceback a second) and stops
     accepting for a while, up to 1 s; the connections it has go on, and
     the ones waiting in the backlog are accepted once some close."""
 
@@ -2257,6 +2262,10 @@ class Listener(gevent.server.StreamServer):
         self._timer = self.loop.timer(self.fd_pause)
         self._timer.start(self._start_accepting_if_started)
         self.fd_pause = min(self.max_delay, self.fd_pause * 2)
+
+
+class Listener(AcceptsOutOfFds, gevent.server.StreamServer):
+    """Where jobs come in (TCP, TLS or a UNIX socket)."""
 
 
 class Server:
@@ -2325,10 +2334,8 @@ class Server:
         if self.unix_path:
             self.listen(Listener(self.unix_listener(), self.handle), self.unix_path)
         if self.http_address:
-            from gevent.pywsgi import WSGIServer
-            self.http = WSGIServer(self.http_address, HttpApp(self), log=None,
-                                   error_log=ThrottledErrorLog(self.log_throttle),
-                                   handler_class=http_handler_class())
+            self.http = http_server_class()(self.http_address, HttpApp(self), log=None,
+                                            error_log=ThrottledErrorLog(self.log_throttle))
             self.listen(self.http, "http://%s:%d" % self.http_address)
             self.listeners.remove(self.http)
         handle = self.handle_tls if self.tls_context else self.handle
