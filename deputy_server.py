@@ -1440,44 +1440,6 @@ class LogThrottle:
             self.held_back += 1
 
 
-class ThrottledErrorLog:
-    """gevent's WSGI server writes a line per malformed request (with the
-    request's bytes) to its error log: through the throttle, at INFO, as
-    the other messages that clients cause."""
-
-    def __init__(self, throttle):
-        self.throttle = throttle
-
-    def write(self, text):
-        text = text.rstrip()
-        if text:
-            self.throttle.log(logging.INFO, "http: %s", text[:200])
-
-    def flush(self):
-        pass
-
-
-def http_server_class():
-    """gevent's WSGI server (imported only with --http), accepting as the
-    job listeners do when out of file descriptors; and its request handler,
-    for which a request with too many (or too long) headers is a bad
-    request like any other (gevent prints a traceback for the standard
-    library's HTTPException)."""
-    from http.client import HTTPException
-    from gevent.pywsgi import WSGIHandler, WSGIServer
-
-    class HttpHandler(WSGIHandler):
-        def read_request(self, raw_requestline):
-            try:
-                return super().read_request(raw_requestline)
-            except HTTPException as exc:
-                raise ValueError(str(exc)) from None
-
-    class HttpServer(AcceptsOutOfFds, WSGIServer):
-        handler_class = HttpHandler
-    return HttpServer
-
-
 AUTH_LINE = 64 * 1024       # the longest line before authentication (or 6 x the secret)
 
 
@@ -2216,6 +2178,44 @@ class HttpApp:
                                 ("Content-Length", str(len(body))),
                                 ("Cache-Control", "no-store")])
         return [body]
+
+
+class ThrottledErrorLog:
+    """gevent's WSGI server writes a line per malformed request (with the
+    request's bytes) to its error log: through the throttle, at INFO, as
+    the other messages that clients cause."""
+
+    def __init__(self, throttle):
+        self.throttle = throttle
+
+    def write(self, text):
+        text = text.rstrip()
+        if text:
+            self.throttle.log(logging.INFO, "http: %s", text[:200])
+
+    def flush(self):
+        pass
+
+
+def http_server_class():
+    """gevent's WSGI server (imported only with --http), accepting as the
+    job listeners do when out of file descriptors; and its request handler,
+    for which a request with too many (or too long) headers is a bad
+    request like any other (gevent prints a traceback for the standard
+    library's HTTPException)."""
+    from http.client import HTTPException
+    from gevent.pywsgi import WSGIHandler, WSGIServer
+
+    class HttpHandler(WSGIHandler):
+        def read_request(self, raw_requestline):
+            try:
+                return super().read_request(raw_requestline)
+            except HTTPException as exc:
+                raise ValueError(str(exc)) from None
+
+    class HttpServer(AcceptsOutOfFds, WSGIServer):
+        handler_class = HttpHandler
+    return HttpServer
 
 
 ###############################################################################
