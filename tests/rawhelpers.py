@@ -252,6 +252,29 @@ class EchoWorker(threading.Thread):
         self.conn.close()
 
 
+def served_past_the_fd_limit(server, port, request, reply_start, meanwhile=lambda: None):
+    """Bring the server to 48 open files, with 60 connections to port
+    waiting, and call meanwhile(); then the last one sends request, half of
+    them close, and its reply must hold reply_start. -> the server's
+    stderr, for the caller to check it said so once, with no traceback."""
+    import resource
+    resource.prlimit(server.proc.pid, resource.RLIMIT_NOFILE, (48, 48))
+    held = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(60)]
+    try:
+        time.sleep(1.5)             # accept fails a few times meanwhile
+        meanwhile()
+        late = held[-1]
+        late.sendall(request)
+        for sock in held[:30]:
+            sock.close()
+        late.settimeout(10)
+        assert reply_start in late.recv(65536), "the waiting connection was not served"
+        return server.stderr()
+    finally:
+        for sock in held:
+            sock.close()
+
+
 def unix_path(tmp_path, name="deputy.sock"):
     """A short UNIX socket path (sun_path is ~108 bytes)."""
     path = os.path.join(str(tmp_path), name)

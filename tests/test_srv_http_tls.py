@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from conftest import RawConn, free_port
+from rawhelpers import served_past_the_fd_limit
 
 trustme = pytest.importorskip("trustme")
 
@@ -219,24 +220,10 @@ def test_malformed_http_requests_are_answered_and_their_log_lines_throttled(http
 def test_http_out_of_file_descriptors_says_so_once_and_recovers(http_server):
     """As the job listener: one warning, not a traceback a second, and the
     waiting requests are served once connections close."""
-    import resource
-    resource.prlimit(http_server.proc.pid, resource.RLIMIT_NOFILE, (48, 48))
-    held = [socket.create_connection(("127.0.0.1", http_server.http_port), timeout=10)
-            for _ in range(60)]
-    try:
-        time.sleep(1.5)             # accept fails a few times meanwhile
-        late = held[-1]
-        late.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
-        for sock in held[:30]:
-            sock.close()
-        late.settimeout(10)
-        assert late.recv(100).startswith(b"HTTP/1.1 200"), "the waiting request was not served"
-        err = http_server.stderr()
-        assert "Traceback" not in err
-        assert err.count("cannot accept connections: Too many open files") == 1, err
-    finally:
-        for sock in held:
-            sock.close()
+    err = served_past_the_fd_limit(http_server, http_server.http_port,
+                                   b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", b"HTTP/1.1 200")
+    assert "Traceback" not in err
+    assert err.count("cannot accept connections: Too many open files") == 1, err
 
 
 def test_status_page_is_self_contained(http_server):
