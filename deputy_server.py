@@ -629,7 +629,7 @@ class JobType:
     among them with a free slot, longest-waiting first."""
 
     __slots__ = ("name", "do_prefix", "queue", "queued", "running", "workers", "idle", "done",
-                 "failed", "kick_later")
+                 "failed", "later")
 
     def __init__(self, name):
         self.name = name
@@ -642,7 +642,7 @@ class JobType:
         self.idle = OrderedDict()   # Peer -> None; O(1) pop of the longest waiting
         self.done = 0
         self.failed = 0
-        self.kick_later = None      # a timer: the rest of a long set-aside, next turn
+        self.later = None           # a timer: the rest of a long set-aside, next turn
 
     def stats(self):
         return {"queued": self.queued, "running": self.running, "workers": self.workers,
@@ -654,7 +654,7 @@ class Peer:
     as a worker, and the jobs it submitted and waits for."""
 
     __slots__ = ("link", "name", "kinds", "capacity", "held", "jobs", "paused",
-                 "held_back", "deadlines", "closed", "authed", "ready_later", "got_results")
+                 "held_back", "deadlines", "closed", "authed", "later", "got_results")
 
     def __init__(self, link, name=""):
         # The connection: link.send(bytes) and link.send_many(pieces of one
@@ -671,7 +671,7 @@ class Peer:
         self.deadlines = None       # submitter id -> timeout timer, when used
         self.closed = False
         self.authed = False
-        self.ready_later = None     # a timer: more jobs for it next turn (worker_ready)
+        self.later = None           # a timer: more jobs for it next turn (worker_ready)
         self.got_results = False    # a drain waits for its output to be delivered
 
 
@@ -739,9 +739,9 @@ class Broker:
             return
         peer.closed = True
         peer.paused = True
-        if peer.ready_later is not None:
-            peer.ready_later.close()
-            peer.ready_later = None
+        if peer.later is not None:
+            peer.later.close()
+            peer.later = None
         c = self.counters
         c.connections_open -= 1
         self.cant_do(peer, [kind.name for kind in peer.kinds])
@@ -785,7 +785,7 @@ class Broker:
         Runs once per KEEP_UNUSED_TYPES new types (or bytes of their names)."""
         self.new_kinds = self.new_kind_bytes = 0
         unused = [kind for kind in self.kinds.values()
-                  if not (kind.queued or kind.running or kind.workers or kind.kick_later)]
+                  if not (kind.queued or kind.running or kind.workers or kind.later)]
         kept_bytes = 0
         keep = 0
         for kind in reversed(unused):       # the newest first
@@ -835,21 +835,19 @@ class Broker:
         gets the rest in later turns, after everyone else's."""
         held, capacity = peer.held, peer.capacity
         given = 0
-        kinds = peer.kinds
-        if len(kinds) > FEW_TYPES and len(held) < capacity:
-            # Only the types with queued jobs, found once, not once a job
-            # (10,000 types and a big capacity made one can_do stall all).
-            kinds = [kind for kind in kinds if kind.queued]
-        while len(held) < capacity and not self.draining and not peer.paused:
-            job = self.best_job_for(kinds)
-            if job is None:
-                break
-            job.kind.queue.pop_head()
-            self.assign(job, peer)
-            given += 1
-            if given == HAND_OUT_PER_TURN:
-                self.ready_next_turn(peer)
-                break
+        if len(peer.kinds) > FEW_TYPES:
+            given = self.hand_out_over_many_types(peer)
+        else:
+            while len(held) < capacity and not self.draining and not peer.paused:
+                job = self.best_job_for(peer.kinds)
+                if job is None:
+                    break
+                job.kind.queue.pop_head()
+                self.assign(job, peer)
+                given += 1
+                if given == HAND_OUT_PER_TURN:
+                    self.in_next_turn(peer, self.ready_again)
+                    break
         if len(held) < capacity and not peer.paused and not peer.closed:     # a free slot
             for kind in peer.kinds:
                 if peer not in kind.idle:
@@ -860,13 +858,37 @@ class Broker:
             for kind in peer.kinds:
                 kind.idle.pop(peer, None)
 
-    def ready_next_turn(self, peer):
-        if peer.ready_later is None:
-            peer.ready_later = self.start_timer(0, self.ready_again, peer)
+    def hand_out_over_many_types(self, peer):
+        """worker_ready's hand-out for a worker of many types: the head job
+        of each type goes into a heap once, so a job costs O(log types),
+        not a look at every type (a can_do of 10,000 types, each with jobs
+        queued, stalled everyone for 5 s a turn). -> how many it gave."""
+        held = peer.held
+        limit = min(peer.capacity, len(held) + HAND_OUT_PER_TURN)
+        heads = []
+        if len(held) < limit:
+            for kind in peer.kinds:
+                self.push_head(heads, kind)
+        given = 0
+        while heads and len(held) < limit and not self.draining and not peer.paused:
+            job = heapq.heappop(heads)[-1]
+            job.kind.queue.pop_head()
+            self.assign(job, peer)
+            given += 1
+            self.push_head(heads, job.kind)
+        if heads and len(held) == limit < peer.capacity:
+            self.in_next_turn(peer, self.ready_again)
+        return given
+
+    def push_head(self, heads, kind):
+        """kind's next job, if any, onto the heap of heads: highest priority,
+        then oldest, first (as best_job_for orders them)."""
+        if kind.queued:
+            job = self.dispatchable_head(kind)
+            if job is not None:
+                heapq.heappush(heads, (-job.priority, job.seq, id(job), job))
 
     def ready_again(self, peer):
-        peer.ready_later.close()
-        peer.ready_later = None
         if not peer.closed:
             self.worker_ready(peer)
 
@@ -899,17 +921,20 @@ class Broker:
                 return job
             budget -= 1
             if not budget:          # a paused connection's long run of jobs: go on next turn
-                self.kick_next_turn(kind)
+                self.in_next_turn(kind, self.kick)
                 return None
 
-    def kick_next_turn(self, kind):
-        if kind.kick_later is None:
-            kind.kick_later = self.start_timer(0, self.kick_again, kind)
+    def in_next_turn(self, owner, callback):
+        """callback(owner) in the loop's next turn, after everyone else's,
+        once however often asked: a peer's or a job type's long run of work
+        goes on there (owner.later holds the timer meanwhile)."""
+        if owner.later is None:
+            owner.later = self.start_timer(0, self.next_turn_came, owner, callback)
 
-    def kick_again(self, kind):
-        kind.kick_later.close()
-        kind.kick_later = None
-        self.kick(kind)
+    def next_turn_came(self, owner, callback):
+        owner.later.close()
+        owner.later = None
+        callback(owner)
 
     def without_paused_submitters(self, job):
         """job, at the head of its queue, has a submitter that is paused. If
@@ -1005,7 +1030,7 @@ class Broker:
             self.assign_idle(job, next(iter(idle)))
             budget -= 1
             if not budget:
-                return self.kick_next_turn(kind)
+                return self.in_next_turn(kind, self.kick)
 
     # -- submitters ----------------------------------------------------------
 

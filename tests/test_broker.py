@@ -463,6 +463,22 @@ def test_a_worker_of_many_types_and_a_huge_capacity_gets_its_jobs_over_several_t
     assert [big.held[w].owner_id for w in sorted(big.held)] == list(range(count))   # in order
 
 
+def test_a_worker_of_many_types_gets_the_highest_priority_then_oldest_job_across_them(broker):
+    """Its hand-out goes through a heap of each type's head (one look per
+    type, not one per job): the order is still SPEC 2's, also past a turn."""
+    client, _ = peer(broker)
+    types = ["t%d" % n for n in range(deputy_server.FEW_TYPES * 3)]
+    count = deputy_server.HAND_OUT_PER_TURN + 200
+    for n in range(count):
+        broker.submit(client, sub(n, type=types[n * 7 % len(types)], priority=n % 3))
+    big, _ = worker(broker, types, capacity=10 ** 9)
+    wait_for(lambda: len(big.held) == count)
+    got = [job.owner_id for _, job in sorted(big.held.items())]      # in hand-out order
+    assert got[:deputy_server.HAND_OUT_PER_TURN] == sorted(
+        range(count), key=lambda n: (-(n % 3), n))[:deputy_server.HAND_OUT_PER_TURN]
+    assert sorted(got) == list(range(count))
+
+
 def test_a_queue_kicked_to_an_idle_worker_of_huge_capacity_goes_out_over_several_turns(broker):
     """kick() too: a paused submitter's set-aside jobs come back when it
     drains, and an idle worker of capacity 10**9 takes them a turn's worth
