@@ -14,7 +14,7 @@ Run it::
 The wire protocol (JSON lines over TCP or a UNIX socket) is described in
 README.rst, section "The protocol", and in the project's SPEC. This file is
 the whole server: copy it onto a box that has gevent, orjson and docopt-ng
-and run it.
+and run it (with pysimdjson too, if it can: big payloads cost less).
 
 Sections, top to bottom: protocol (framing, parsing, encoding), jobs and
 the broker (queues, worker slots, dispatch), connections (read loop,
@@ -50,6 +50,11 @@ import gevent.event
 import gevent.server
 import gevent.socket
 import orjson
+
+try:                    # optional: checks big lines 3x faster than orjson parses them
+    import simdjson
+except ImportError:
+    simdjson = None
 
 __version__ = "0.1.0"
 
@@ -317,6 +322,8 @@ def encode_payload(msg, field, line, default=None):
     """The JSON bytes of msg[field], exactly as received, or ProtocolError."""
     value = msg.get(field, default)
     kind = type(value)
+    if kind is SentString:
+        return value.json
     if kind is str:
         if len(value) < BIG_PIECE:
             return dumps(value)
@@ -337,31 +344,88 @@ def encode_payload(msg, field, line, default=None):
                             msg.get("id", NO_ID))
 
 
+def trailing_string(line):
+    """-> (where the string that ends the message starts, the end of the
+    line without its CR) when line ends in "<key>":"..."} and the string
+    holds no quote nor ends in a backslash; else None. In valid JSON a
+    quote after a `:` always opens a string, and with no other quote after
+    it, the one before the `}` closes it; that `}`, the line's last byte,
+    closes the message: so the key is top-level and this is its last
+    value (the one a parser keeps). Finding it costs one memrchr."""
+    end = len(line) - (line[-1] == 13)      # without the CR of CR LF
+    if line[end - 1] != 125 or line[end - 2] != 34 or line[end - 3] == 92:
+        return None                         # not `"}` at the end, or an escaped quote
+    start = line.rfind(b'"', 0, end - 2)
+    if start < 1 or line[start - 1] != 58:  # not `:"`: an inner quote
+        return None
+    return start, end
+
+
 def string_as_sent(line, field):
     """The JSON text of a string that ends the message, as it was sent: a
     view of `line` when it ends in ,"<field>":"..."} (the shape clients
-    send), else None. Re-encoding a 64 KiB string costs a scan and a copy
-    of it on each side of a job; finding its end costs one memchr.
-
-    line is valid JSON (orjson just parsed it), and a quote not preceded by
-    a backslash is always a delimiter. So with no quote between the two
-    ends, the slice is one string token; the `}` after it, the line's last
-    byte, closes the message, so the key before it is top-level and this
-    is its last value (the one orjson keeps). None, to be safe, when the
-    string holds a quote or ends in a backslash (where it ends is then a
-    question for a parser), and when it is under half the line: a view
-    keeps its whole line alive, and output is counted by what it shows
-    (a paused reader's backlog must not hold more than the count says)."""
-    start = line.find(b',"%b":"' % field.encode())
-    if start < 0:
+    send; see trailing_string), else None. Re-encoding a 64 KiB string
+    costs a scan and a copy of it on each side of a job. line is valid
+    JSON (a parser just read it). None too when the string is under half
+    the line: a view keeps its whole line alive, and output is counted by
+    what it shows (a paused reader's backlog must not hold more than the
+    count says)."""
+    found = trailing_string(line)
+    if found is None:
         return None
-    start += len(field) + 4             # at the opening quote
-    end = len(line) - (line[-1] == 13)  # without the CR of CR LF
-    if line[end - 1] != 125 or line.find(b'"', start + 1) != end - 2 or line[end - 3] == 92:
-        return None                     # not `"}` at the end, or an inner quote
-    if 2 * (end - start) < len(line):
+    start, end = found
+    if not line.endswith(b',"%b":' % field.encode(), 0, start) or 2 * (end - start) < len(line):
         return None
     return memoryview(line)[start:end - 1]
+
+
+class SentString:
+    """A big string payload as it was sent (its JSON text, a view of its
+    line), in place of the str a parser would have made: see loads_big."""
+
+    __slots__ = ("json",)
+
+    def __init__(self, json):
+        self.json = json
+
+
+PAYLOAD_KEYS = ((b',"arg":', "arg"), (b',"res":', "res"), (b',"data":', "data"))
+SIMDJSON_LARGEST = 4 * 1024 * 1024      # its parser keeps ~3.3x the largest line's size
+SIMDJSON_PARSER = simdjson.Parser() if simdjson else None
+
+
+def loads_big(line):
+    """loads() for a line of BIG_PIECE bytes or more. Such a line usually
+    ends in a big string payload, ,"arg":"..."} (or "res", "data"), and
+    orjson spends most of its time on making that string a Python object
+    that is only passed on. simdjson checks the whole line 3x faster and
+    makes nothing; orjson then parses the rest, the string cut out, and the
+    field's value is a SentString. What simdjson refuses, and any other
+    shape, orjson parses whole: what is refused, and why, stays orjson's
+    (the two agree on strings: tests/test_srv_protocol.py checks)."""
+    found = trailing_string(line) if SIMDJSON_PARSER and len(line) <= SIMDJSON_LARGEST else None
+    if found is None:
+        return loads(line)
+    start, end = found
+    for key, field in PAYLOAD_KEYS:
+        if line.endswith(key, 0, start):
+            break
+    else:
+        return loads(line)
+    if 2 * (end - start) < len(line) or not simdjson_accepts(line):
+        return loads(line)
+    msg = loads(line[:start] + b'""}')
+    if type(msg) is dict:
+        msg[field] = SentString(memoryview(line)[start:end - 1])
+    return msg
+
+
+def simdjson_accepts(line):
+    try:
+        SIMDJSON_PARSER.parse(line)     # the document it makes is dropped at once
+        return True
+    except Exception:       # ValueError, and RuntimeError for what it cannot represent
+        return False
 
 
 def field_id(msg):
@@ -435,10 +499,10 @@ def parse_do(msg, line):
         field_type(msg, id)             # raises
     arg = msg.get("arg")
     if type(arg) is str and len(arg) < BIG_PIECE:     # the usual arg, without a call
-        arg_json = dumps(arg)
+        arg_tail = dumps(arg) + b"}\r\n"
     else:
-        arg_json = encode_payload(msg, "arg", line)
-    job = Job(id, job_type, arg_json)
+        arg_tail = do_tail(encode_payload(msg, "arg", line))
+    job = Job(id, job_type, arg_tail)
     if len(msg) == 3 + ("arg" in msg):     # cmd, id, type[, arg]: no options
         return job
     job.priority = field_optional(msg, "priority", int, 0, id)
@@ -449,6 +513,16 @@ def parse_do(msg, line):
     job.ttr = field_seconds(msg, "ttr", id)
     job.timeout = field_seconds(msg, "timeout", id)
     return job
+
+
+def do_tail(arg_json):
+    """What follows "arg": in a worker's `do`. Concatenating also copies
+    orjson's output into a right-sized object: orjson.dumps returns bytes
+    that keep a 4 KiB buffer each, and keeping its big outputs queued made
+    the 64 KiB bench's peak RSS 45 -> 60-76 MiB. A big string as sent (a
+    view of its line) is kept as it is: the line is its own right-sized
+    object, and most of it is the string; its `}` is sent after it."""
+    return arg_json + b"}\r\n" if type(arg_json) is bytes else arg_json
 
 
 def parse_did(msg, line):
@@ -492,19 +566,10 @@ class Job:
                  "unique", "ttr", "timeout", "state", "worker", "wid", "attempts", "ttr_timer",
                  "bg_deadlines", "held_back")
 
-    def __init__(self, id, kind, arg_json):
+    def __init__(self, id, kind, arg_tail):
         self.seq = 0
         self.kind = kind
-        # The worker's `do` after "arg":. Concatenating also copies orjson's
-        # output into a right-sized object: orjson.dumps returns bytes that
-        # keep a 4 KiB buffer each, and keeping its big outputs queued made
-        # the 64 KiB bench's peak RSS 45 -> 60-76 MiB. A big string is a
-        # view of its line (string_as_sent), kept as it is: the line is
-        # its own right-sized object, and most of it is the string.
-        try:
-            self.arg_tail = arg_json + b"}\r\n"
-        except TypeError:
-            self.arg_tail = arg_json
+        self.arg_tail = arg_tail        # the worker's `do` after "arg": (do_tail)
         self.priority = 0
         self.owner = None
         self.owner_id = id
@@ -1491,7 +1556,7 @@ class Connection:
     __slots__ = ("server", "broker", "sock", "name", "max_line", "high_water", "out", "out_bytes",
                  "flush_scheduled", "writer_owns_socket", "raw_send", "raw_sendmsg", "raw_recv", "loop",
                  "run_callback", "watcher", "done_reading", "pending", "partial", "partial_len",
-                 "writer", "wake_writer", "may_read", "closing", "logged_error", "peer",
+                 "writer", "wake_writer", "may_read", "closing", "logged_error", "peer", "long_line",
                  "handlers", "turn")
 
     def __init__(self, server, sock, address):
@@ -1499,7 +1564,7 @@ class Connection:
         self.broker = server.broker
         self.sock = sock
         self.name = format_address(address)
-        self.max_line = server.max_line if server.secret is None else auth_line_limit(server)
+        self.set_max_line(server.max_line if server.secret is None else auth_line_limit(server))
         self.high_water = server.high_water
         self.out = []               # bytes not yet given to the kernel
         self.out_bytes = 0          # their total
@@ -1532,7 +1597,12 @@ class Connection:
     def authenticated(self):
         self.peer.authed = True
         self.handlers = COMMANDS
-        self.max_line = self.server.max_line
+        self.set_max_line(self.server.max_line)
+
+    def set_max_line(self, max_line):
+        self.max_line = max_line
+        # handle_lines looks closer at lines this long: too long, or big
+        self.long_line = min(BIG_PIECE, max_line + 1)
 
     # -- the broker's interface ----------------------------------------------
 
@@ -1785,13 +1855,18 @@ class Connection:
         if len(lines) > TURN_CHECK:
             return self.handle_lines_in_turns(lines)
         handlers = self.handlers
-        max_line = self.max_line
+        long_line = self.long_line
         for index, line in enumerate(lines):
-            if len(line) > max_line and len(line) - line.endswith(b"\r") > max_line:
-                return self.line_too_long()
+            decode = loads
+            if len(line) >= long_line:      # rare: a big line, or one too long
+                max_line = self.max_line
+                if len(line) > max_line and len(line) - line.endswith(b"\r") > max_line:
+                    return self.line_too_long()
+                if len(line) >= BIG_PIECE:
+                    decode = loads_big
             try:
                 try:
-                    msg = loads(line)
+                    msg = decode(line)
                 except JSONDecodeError:
                     if line_is_blank(line):
                         continue
@@ -1807,7 +1882,7 @@ class Connection:
             if self.peer.paused:        # replies to this very batch filled the buffer
                 return lines[index + 1:]
             if self.handlers is not handlers:   # auth swapped them, and the line limit
-                handlers, max_line = self.handlers, self.max_line
+                handlers, long_line = self.handlers, self.long_line
         return None
 
     def handle_lines_in_turns(self, lines):

@@ -12,7 +12,7 @@ setup(
     license="MIT",
     py_modules=["deputy_server", "deputy_client"],
     python_requires=">=3.9",
-    install_requires=["gevent>=23.9", "orjson>=3.9", "docopt-ng>=0.9"],
+    install_requires=["gevent>=23.9", "orjson>=3.9", "docopt-ng>=0.9", "pysimdjson>=6.0; python_version < '3.14'"],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout>=2", "hypothesis>=6", "trustme>=1.0", "prometheus_client>=0.17",
                  "selenium>=4.10"],

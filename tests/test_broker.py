@@ -8,7 +8,7 @@ import pytest
 
 import deputy_server
 from deputy_server import (
-    FINISHED, QUEUED, Broker, Job, JobQueue, ProtocolError, parse_did, parse_do)
+    FINISHED, QUEUED, Broker, Job, JobQueue, ProtocolError, do_tail, parse_did, parse_do)
 
 
 class FakeLink:
@@ -992,15 +992,21 @@ def test_a_big_payload_is_handed_out_and_delivered_without_a_copy(broker):
 
 def test_a_queued_payload_is_copied_into_a_right_sized_object(broker):
     """orjson's bytes keep a 4 KiB buffer each (more for big ones): a queued
-    job keeps a copy of its own."""
+    job keeps a copy of its own, the tail of the worker's `do`."""
     client, _ = peer(broker)
     for size in (5, 100000):
-        arg_json = orjson.dumps("x" * size)
-        job = Job(size, "echo", arg_json)
-        broker.submit(client, job)
-        queued = broker.kinds["echo"].queue.by_priority[0][-1]
-        assert queued is job and queued.arg_tail is not arg_json
-        assert queued.arg_tail == arg_json + b"}\r\n"
+        for arg in ("x" * size, ["x" * size]):
+            arg_json = orjson.dumps(arg)
+            assert do_tail(arg_json) is not arg_json
+            line = b'{"cmd":"do","id":"%d-%b","type":"echo","arg":%b}' % (size, type(arg).__name__.encode(), arg_json)
+            job = parse_do(orjson.loads(line), line)
+            broker.submit(client, job)
+            queued = broker.kinds["echo"].queue.by_priority[0][-1]
+            assert queued is job
+            if size > 5 and type(arg) is str:       # as sent: a view of its line
+                assert type(queued.arg_tail) is memoryview and queued.arg_tail.obj is line
+            else:
+                assert queued.arg_tail == arg_json + b"}\r\n"
 
 
 def test_a_big_string_sliced_out_of_its_line_is_queued_and_delivered_as_sent(broker):

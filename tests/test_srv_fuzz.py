@@ -1,8 +1,10 @@
 """Property-based fuzzing of a real server process (SPEC sections 1, 2.7
 and 5): random bytes and random JSON messages, valid and invalid shapes of
 every command, then a normal round trip must still work. And, in process,
-of string_as_sent: a payload passed on as sent is the value orjson read
+of string_as_sent and loads_big: a payload passed on as sent is the value
+orjson read, and a big line is refused exactly when orjson refuses it
 (SPEC 1: the server never alters a payload)."""
+import random
 import socket
 import time
 
@@ -11,7 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deputy_server import string_as_sent
+import deputy_server
+from deputy_server import BIG_PIECE, SentString, loads_big, string_as_sent
 from rawhelpers import (
     ServerProcess, did, do, line, roundtrip_ok, sync, sync_quiet, take_job,
     wait_metrics, worker)
@@ -367,3 +370,116 @@ def test_a_string_is_sliced_only_when_its_end_is_certain():
     ]:
         orjson.loads(line)
         assert string_as_sent(line, "arg") is None, line
+
+
+# Pieces of a JSON string body, valid and not: escapes, surrogates paired
+# and lone, control characters, UTF-8 valid, overlong, truncated and of
+# surrogates. simdjson and orjson must agree on every string made of them.
+STRING_PIECES = [
+    b"a", b" ", b"\x7f", b'\\"', b"\\\\", b"\\/", b"\\b", b"\\f", b"\\n", b"\\r", b"\\t",
+    b"\\u0041", b"\\u00e9", b"\\u0000", b"\\uFFFF", b"\\ud800", b"\\udc00", b"\\uD800\\uDC00",
+    b"\\udbff\\udfff", b"\\ud800\\u0041", b"\\u", b"\\u12", b"\\x", b"\\", b'"', b"\x00", b"\x1f",
+    b"\n", "é".encode(), "€".encode(), "😀".encode(), b"\xed\xa0\x80", b"\xc0\xaf",
+    b"\xe0\x80\xaf", b"\xf4\x90\x80\x80", b"\xf8\x88\x80\x80\x80", b"\x80", b"\xc3", b"\xe2\x82",
+    b"\xff", b"\xef\xbf\xbf",
+]
+PAYLOAD_SHAPES = [
+    (b'{"cmd":"do","id":1,"type":"t","arg":"%b"}', "arg"),
+    (b'{"cmd":"did","id":7,"res":"%b"}\r', "res"),
+    (b'{"cmd":"progress","id":7,"data":"%b"}', "data"),
+]
+
+
+def parsed_alike(line):
+    """orjson's reading of line and loads_big's, with a SentString turned
+    into the value its JSON text holds: or the two errors' types."""
+    outcomes = []
+    for parse in (orjson.loads, loads_big):
+        try:
+            msg = parse(line)
+        except orjson.JSONDecodeError:
+            outcomes.append("refused")
+            continue
+        for field, value in msg.items():
+            if type(value) is SentString:
+                assert line.rstrip(b"\r").endswith(b',"%b":%b}' % (field.encode(), value.json))
+                msg[field] = orjson.loads(bytes(value.json))
+        outcomes.append(msg)
+    return outcomes
+
+
+def test_a_big_line_is_refused_exactly_when_orjson_refuses_it():
+    """Bodies of random pieces, each at a random offset in a line of
+    BIG_PIECE bytes or more (simdjson reads 64-byte blocks): whatever
+    orjson refuses, loads_big refuses; whatever it accepts, loads_big reads
+    as the same message."""
+    rnd = random.Random(4)
+    fast = refused = 0
+    for _ in range(3000):
+        body = b"".join(rnd.choice(STRING_PIECES) for _ in range(rnd.randint(0, 6)))
+        body = b"p" * rnd.randint(0, 130) + body + b"q" * (BIG_PIECE + rnd.randint(0, 70))
+        shape, field = rnd.choice(PAYLOAD_SHAPES)
+        line = shape % body
+        via_orjson, via_loads_big = parsed_alike(line)
+        assert via_orjson == via_loads_big, line[:200]
+        refused += via_orjson == "refused"
+        try:
+            fast += type(loads_big(line)[field]) is SentString
+        except orjson.JSONDecodeError:
+            pass
+    assert fast > 500 and refused > 500         # both ways were taken, often
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_loads_big_reads_any_big_message_as_orjson_does(data):
+    """Any members around a big value (the shape that goes the fast way,
+    and shapes near it): the same message as orjson's, or refused by both."""
+    draw = data.draw
+    field = draw(st.sampled_from(["arg", "res", "data", "secret", "y"]))
+    before = [b'"cmd":"do"'] + [b'"%s":%s' % (k.encode(), orjson.dumps(v)) for k, v in draw(members)]
+    after = [] if draw(st.integers(0, 2)) else [b'"%s":%s' % (k.encode(), orjson.dumps(v))
+                                               for k, v in draw(members)]
+    value = spelled(draw(tricky_text), draw)[:-1] + b"v" * BIG_PIECE + b'"'
+    if draw(st.integers(0, 4)) == 0:
+        value = value[:-1] + draw(st.sampled_from(STRING_PIECES)) + b'"'
+    line = (b"{" + b",".join(before + [b'"%s":%s' % (field.encode(), value)] + after) + b"}"
+            + draw(st.sampled_from([b"", b"\r", b" ", b"}"])))
+    via_orjson, via_loads_big = parsed_alike(line)
+    assert via_orjson == via_loads_big
+
+
+def test_loads_big_takes_the_fast_way_only_for_the_shape_clients_send(monkeypatch):
+    big = b"b" * BIG_PIECE
+    for shape, field in PAYLOAD_SHAPES:
+        msg = loads_big(shape % big)
+        assert type(msg[field]) is SentString and bytes(msg[field].json) == b'"%b"' % big
+    slow = [
+        b'{"cmd":"auth","secret":"%b"}' % big,                  # not a payload field
+        b'{"cmd":"do","pad":"%b","arg":"x"}' % big,             # under half the line
+        b'{"cmd":"do","arg":"%b\\"x"}' % big,                   # an escaped quote inside
+        b'{"cmd":"do","arg":"%b\\\\"}' % big,                   # ends in an escaped backslash
+        b'{"cmd":"do","y":{"x":1,"arg":"%b"}}' % big,           # not top-level
+        b'{"cmd":"do","arg":"%b"} ' % big,                      # trailing space
+        b'["cmd","do","arg","%b"]' % big,                       # not an object
+    ]
+    for line in slow:
+        msg = loads_big(line)
+        assert msg == orjson.loads(line), line[:60]
+        assert SentString not in {type(v) for v in (msg.values() if type(msg) is dict else msg)}
+    # Over SIMDJSON_LARGEST (its parser would keep 3.3x that), or without
+    # simdjson: orjson reads it whole.
+    monkeypatch.setattr(deputy_server, "SIMDJSON_LARGEST", BIG_PIECE)
+    assert type(loads_big(PAYLOAD_SHAPES[0][0] % big)["arg"]) is str
+    monkeypatch.setattr(deputy_server, "SIMDJSON_LARGEST", 4 * 1024 * 1024)
+    monkeypatch.setattr(deputy_server, "SIMDJSON_PARSER", None)
+    assert type(loads_big(PAYLOAD_SHAPES[0][0] % big)["arg"]) is str
+
+
+def test_a_refused_big_line_gets_orjson_s_reason():
+    bad = b'{"cmd":"do","id":1,"type":"t","arg":"%b\x01"}' % (b"b" * BIG_PIECE)
+    with pytest.raises(orjson.JSONDecodeError) as via_orjson:
+        orjson.loads(bad)
+    with pytest.raises(orjson.JSONDecodeError) as via_loads_big:
+        loads_big(bad)
+    assert str(via_loads_big.value) == str(via_orjson.value)

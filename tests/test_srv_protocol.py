@@ -1,13 +1,14 @@
 """SPEC section 1, black box: the wire protocol of a real server process,
 spoken with raw JSON lines over real sockets."""
 import itertools
+import os
 import time
 
 import orjson
 import pytest
 
 from rawhelpers import (
-    MISSING, assert_same, can_do, cant_do, did, do, expect_error,
+    MISSING, ServerProcess, assert_same, can_do, cant_do, did, do, expect_error,
     roundtrip_ok, sync_quiet, take_job, wait_metrics, worker)
 
 _types = itertools.count()
@@ -960,24 +961,43 @@ BIG_BODIES = [
     # \u0041 shows it, as orjson spells it A.
     b"\\u0041" + b"x" * 70000 + b"\\\\",    # ends in an escaped backslash
     b"\\\"quoted\\\" \\u0041" + b"y" * 70000,   # escaped quotes
-    # Re-encoded too: 60 KB as sent, but 10,000 characters (the limit counts
-    # characters, README), so short enough to cost little to write again.
+    # 60 KB as sent, but 10,000 characters: as sent too (the line is over
+    # 32 KiB); without pysimdjson, re-encoded (the limit counts characters
+    # there, README), which costs little for so few.
     b"\\u0041" * 10000,
 ]
+BIG_BODY_IDS = ["escapes", "backslash-end", "quotes", "few-characters"]
+NO_SIMDJSON = os.path.join(os.path.dirname(os.path.abspath(__file__)), "no_simdjson")
 
 
-@pytest.mark.parametrize("body", BIG_BODIES, ids=["escapes", "backslash-end", "quotes",
-                                                  "few-characters"])
-def test_a_big_string_is_the_same_value_on_the_other_side(conn, shared, body):
+@pytest.fixture(scope="module")
+def without_simdjson():
+    """A server that cannot import pysimdjson (optional: it only makes big
+    lines cheaper)."""
+    srv = ServerProcess(env={"PYTHONPATH": NO_SIMDJSON})
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("body", BIG_BODIES, ids=BIG_BODY_IDS)
+def test_a_big_string_is_the_same_value_on_the_other_side(shared, body):
     """Big string payloads, which Deputy slices out of the line rather than
     re-encoding when it can: escapes and all, the worker gets the arg and
     the submitter the res as the same JSON value; without quotes inside,
     as the very bytes that were sent."""
+    big_string_round_trip(shared, body, verbatim=b'\\"' not in body and not body.endswith(b"\\"))
+
+
+@pytest.mark.parametrize("body", BIG_BODIES, ids=BIG_BODY_IDS)
+def test_without_pysimdjson_a_big_string_is_the_same_value_too(without_simdjson, body):
+    big_string_round_trip(without_simdjson, body, verbatim=body.startswith(b"caf"))
+
+
+def big_string_round_trip(server, body, verbatim):
     t = fresh_type()
-    w = worker(shared, t)
-    s = conn()
+    w = worker(server, t)
+    s = server.connect()
     value = orjson.loads(b'"' + body + b'"')
-    verbatim = body.startswith(b"caf")
     try:
         s.send_raw(b'{"cmd":"do","id":1,"type":%b,"arg":"%b"}\r\n' % (orjson.dumps(t), body))
         line = w.recv_line()
@@ -987,6 +1007,31 @@ def test_a_big_string_is_the_same_value_on_the_other_side(conn, shared, body):
         line = s.recv_line()
         assert orjson.loads(line) == {"cmd": "did", "id": 1, "res": value}
         assert line.endswith(b',"res":"' + body + b'"}\r') == verbatim
+    finally:
+        w.close()
+        s.close()
+
+
+@pytest.mark.parametrize("flaw", [b"\x01", b"\xff", b"\\ud800", b"\\x", b"\xed\xa0\x80"],
+                         ids=["control-character", "invalid-utf8", "lone-surrogate", "bad-escape",
+                              "utf8-surrogate"])
+def test_a_big_string_with_a_flaw_is_refused_with_its_id_and_harms_nothing(conn, shared, flaw):
+    """The fast check of big lines refuses what orjson refuses, anywhere in
+    a 64 KiB string: an error with the id, nothing reaches the worker, and
+    the connection goes on."""
+    t = fresh_type()
+    w = worker(shared, t)
+    c = conn()
+    try:
+        for at in (0, 40000, 65536):
+            body = b"x" * at + flaw + b"y" * (65536 - at)
+            c.send_raw(b'{"cmd":"do","id":"flawed-%d","type":%b,"arg":"%b"}\n' % (at, orjson.dumps(t), body))
+            assert "invalid JSON" in expect_error(c, id="flawed-%d" % at)["error"]
+        c.send_raw(b'{"cmd":"do","id":"sound","type":%b,"arg":"%b"}\n' % (orjson.dumps(t), b"z" * 65536))
+        job = w.expect("do")
+        assert job["arg"] == "z" * 65536
+        w.send(did(job["id"], res="ok"))
+        c.expect("did", id="sound", res="ok")
     finally:
         w.close()
 
