@@ -347,11 +347,12 @@ def encode_payload(msg, field, line, default=None):
 def trailing_string(line):
     """-> (where the string that ends the message starts, the end of the
     line without its CR) when line ends in "<key>":"..."} and the string
-    holds no quote nor ends in a backslash; else None. In valid JSON a
-    quote after a `:` always opens a string, and with no other quote after
-    it, the one before the `}` closes it; that `}`, the line's last byte,
-    closes the message: so the key is top-level and this is its last
-    value (the one a parser keeps). Finding it costs one memrchr."""
+    holds no quote nor ends in a backslash; else None. For valid JSON:
+    inside a string every quote is escaped, so a quote after a `:` is a
+    delimiter, and with no quote after it but the one before the `}`, the
+    two enclose one string; that `}`, the line's last byte, closes the
+    message, so the key is top-level and this is its last value (the one
+    a parser keeps). Finding it costs one memrchr."""
     end = len(line) - (line[-1] == 13)      # without the CR of CR LF
     if line[end - 1] != 125 or line[end - 2] != 34 or line[end - 3] == 92:
         return None                         # not `"}` at the end, or an escaped quote
@@ -402,7 +403,7 @@ def loads_big(line):
     makes nothing; orjson then parses the rest, the string cut out, and the
     field's value is a SentString. What simdjson refuses, and any other
     shape, orjson parses whole: what is refused, and why, stays orjson's
-    (the two agree on strings: tests/test_srv_protocol.py checks)."""
+    (the two refuse the same strings: tests/test_srv_fuzz.py compares)."""
     found = trailing_string(line) if SIMDJSON_PARSER and len(line) <= SIMDJSON_LARGEST else None
     if found is None:
         return loads(line)
@@ -414,7 +415,7 @@ def loads_big(line):
         return loads(line)
     if 2 * (end - start) < len(line) or not simdjson_accepts(line):
         return loads(line)
-    msg = loads(line[:start] + b'""}')
+    msg = loads(line[:start] + b'""}')     # a flaw before the cut: the error it has in line
     if type(msg) is dict:
         msg[field] = SentString(memoryview(line)[start:end - 1])
     return msg
