@@ -2327,9 +2327,27 @@ class StartupError(Exception):
     """A problem that stops the server from starting; one line for the user."""
 
 
+class OutOfFdsWarning:
+    """Out of file descriptors: one warning every 10 s for all of a
+    server's listeners (the job port and --http run out at once), with the
+    accepts refused since the last."""
+
+    def __init__(self):
+        self.logged = float("-inf")     # (monotonic() may be under 10 s)
+        self.refusals = 0
+
+    def refused(self, error):
+        self.refusals += 1
+        now = monotonic()
+        if now - self.logged >= 10:
+            log.warning("cannot accept connections: %s (%d times); retrying",
+                        error.strerror or error, self.refusals)
+            self.logged, self.refusals = now, 0
+
+
 class AcceptsOutOfFds:
-    """For a gevent StreamServer: out of file descriptors, it says so in one
-    log line every 10 s (gevent prints a traceback a second) and stops
+    """For a gevent StreamServer: out of file descriptors, it says so
+    through fd_warning (gevent prints a traceback a second) and stops
     accepting for a while, up to 1 s; the connections it has go on, and
     the ones waiting in the backlog are accepted once some close."""
 
@@ -2338,8 +2356,7 @@ class AcceptsOutOfFds:
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fd_pause = self.min_delay
-        self.fd_logged = float("-inf")     # (monotonic() may be under 10 s)
-        self.fd_refusals = 0
+        self.fd_warning = OutOfFdsWarning()     # the Server gives all its listeners one
 
     def do_read(self):
         try:
@@ -2353,12 +2370,7 @@ class AcceptsOutOfFds:
         return accepted
 
     def out_of_fds(self, error):
-        self.fd_refusals += 1
-        now = monotonic()
-        if now - self.fd_logged >= 10:
-            log.warning("cannot accept connections: %s (%d times); retrying",
-                        error.strerror or error, self.fd_refusals)
-            self.fd_logged, self.fd_refusals = now, 0
+        self.fd_warning.refused(error)
         self.stop_accepting()
         self._timer = self.loop.timer(self.fd_pause)
         self._timer.start(self._start_accepting_if_started)
@@ -2392,6 +2404,7 @@ class Server:
         self.http = None            # stays up during a drain: /health says so
         self.connections = set()
         self.log_throttle = LogThrottle()   # what connections make the server log
+        self.fd_warning = OutOfFdsWarning()     # shared by its listeners
         self.unix_inode = None
         self.stopped = gevent.event.Event()
         self.exit_code = 0
@@ -2449,6 +2462,7 @@ class Server:
                  ", ".join(str(listener.address) for listener in self.listeners))
 
     def listen(self, listener, where):
+        listener.fd_warning = self.fd_warning
         try:
             listener.start()
         except OSError as exc:
