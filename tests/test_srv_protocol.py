@@ -1036,6 +1036,29 @@ def test_a_big_string_with_a_flaw_is_refused_with_its_id_and_harms_nothing(conn,
         w.close()
 
 
+def test_big_progress_data_reaches_the_submitter_as_sent(conn, shared):
+    """progress's "data" is a payload like arg and res: a big string goes
+    the fast way (as sent), a flawed one is refused with the wid."""
+    t = fresh_type()
+    w = worker(shared, t)
+    s = conn()
+    body = b"caf\\u00e9 " + b"p" * 70000
+    try:
+        s.send(do("prog", t, "x"))
+        wid = w.expect("do")["id"]
+        w.send_raw(b'{"cmd":"progress","id":%d,"data":"%b\x01"}\n' % (wid, body))
+        expect_error(w, id=wid)
+        w.send_raw(b'{"cmd":"progress","id":%d,"data":"%b"}\n' % (wid, body))
+        line = s.recv_line()
+        assert line.endswith(b',"data":"' + body + b'"}\r')
+        assert orjson.loads(line) == {"cmd": "progress", "id": "prog",
+                                      "data": orjson.loads(b'"' + body + b'"')}
+        w.send(did(wid, res="done"))
+        s.expect("did", id="prog", res="done")
+    finally:
+        w.close()
+
+
 def test_a_big_string_in_another_shape_is_the_same_value_on_the_other_side(conn, shared):
     """arg before the other fields, spacing, a duplicate key: the slow way,
     the same value (orjson keeps the last of duplicate keys)."""
