@@ -16,6 +16,7 @@ README.md beside this file says what each figure means.
 """
 import argparse
 import atexit
+import importlib.metadata
 import json
 import os
 import platform
@@ -680,6 +681,10 @@ def metadata(opts):
             meta[mod] = getattr(__import__(mod), '__version__', '?')
         except ImportError:
             pass
+    try:                    # the server checks big lines with it when it is there
+        meta['pysimdjson'] = importlib.metadata.version('pysimdjson')
+    except importlib.metadata.PackageNotFoundError:
+        pass
     if opts.server_defs.get('gearmand', (None,))[0]:
         exe = shlex.split(opts.server_defs['gearmand'][1])[0]
         try:
