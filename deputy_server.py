@@ -157,17 +157,19 @@ def encode_cancel(wid):
     return b'{"cmd":"cancel","id":%d}\r\n' % wid
 
 
-def split_lines(data, start=0):
+def split_lines(data, start=0, end=None):
     """-> (complete lines from data[start:] without their LF, the unfinished
-    rest). bytes.split scans byte by byte; for big lines find() (memchr) is
-    ~100x faster. A big unfinished rest is a view of data, not a copy: it
-    is copied once, when the line is joined."""
+    rest); end: where the first LF after start is, if the caller found it.
+    bytes.split scans byte by byte; for big lines find() (memchr) is ~100x
+    faster. A big unfinished rest is a view of data, not a copy: it is
+    copied once, when the line is joined."""
     if len(data) < BIG_READ and not start:
         lines = data.split(b"\n")
         return lines, lines.pop()
     lines = []
     find = data.find
-    end = find(b"\n", start)
+    if end is None:
+        end = find(b"\n", start)
     while end >= 0:
         lines.append(data[start:end])
         start = end + 1
@@ -1793,8 +1795,8 @@ class Connection:
             self.partial.clear()
             lines, tail = split_lines(data, end + 1)
             lines.insert(0, first)
-        else:
-            lines, tail = split_lines(data)
+        else:                   # (not scanning the first line again)
+            lines, tail = split_lines(data, 0, end)
         self.partial_len = 0
         if tail:
             self.keep_partial(tail)

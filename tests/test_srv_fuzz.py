@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import deputy_server
-from deputy_server import BIG_PIECE, SentString, loads_big, string_as_sent
+from deputy_server import BIG_PIECE, BIG_READ, SentString, loads_big, split_lines, string_as_sent
 from rawhelpers import (
     ServerProcess, did, do, line, roundtrip_ok, sync, sync_quiet, take_job,
     wait_metrics, worker)
@@ -483,3 +483,18 @@ def test_a_refused_big_line_gets_orjson_s_reason():
     with pytest.raises(orjson.JSONDecodeError) as via_loads_big:
         loads_big(bad)
     assert str(via_loads_big.value) == str(via_orjson.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=9000).map(lambda b: b.replace(b"\n", b"")), min_size=1, max_size=8),
+       st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"")))
+def test_split_lines_with_the_first_end_given_splits_as_without(lines, rest):
+    """complete_lines passes the first LF it found, so that a big read's
+    first line is not scanned twice: the same lines, the same rest."""
+    data = b"\n".join(lines) + b"\n" + rest
+    first = data.find(b"\n")
+    got_lines, got_rest = split_lines(data, 0, first)
+    want_lines, want_rest = split_lines(data)
+    assert got_lines == want_lines == lines and bytes(got_rest) == bytes(want_rest) == rest
+    if len(data) >= BIG_READ:           # the find loop, not bytes.split
+        assert split_lines(data, 0, first) == split_lines(data, 0)
