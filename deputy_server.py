@@ -364,22 +364,37 @@ def trailing_string(line):
     return start, end
 
 
-def string_as_sent(line, field):
-    """The JSON text of a string that ends the message, as it was sent: a
-    view of `line` when it ends in ,"<field>":"..."} (the shape clients
-    send; see trailing_string), else None. Re-encoding a 64 KiB string
-    costs a scan and a copy of it on each side of a job. line is valid
-    JSON (a parser just read it). None too when the string is under half
-    the line: a view keeps its whole line alive, and output is counted by
-    what it shows (a paused reader's backlog must not hold more than the
-    count says)."""
+PAYLOAD_KEYS = ((b',"arg":', "arg"), (b',"res":', "res"), (b',"data":', "data"))
+
+
+def payload_as_sent(line):
+    """-> (field, start, end) when line ends in a big string payload as
+    clients send it, ,"arg":"..."} (or "res", "data"; see trailing_string),
+    line[start:end - 1] being the string's JSON text; else None. None too
+    when the string is under half the line: a view of it keeps the whole
+    line alive, and output is counted by what it shows (a paused reader's
+    backlog must not hold more than the count says)."""
     found = trailing_string(line)
     if found is None:
         return None
     start, end = found
-    if not line.endswith(b',"%b":' % field.encode(), 0, start) or 2 * (end - start) < len(line):
+    if 2 * (end - start) < len(line):
         return None
-    return memoryview(line)[start:end - 1]
+    for key, field in PAYLOAD_KEYS:
+        if line.endswith(key, 0, start):
+            return field, start, end
+    return None
+
+
+def string_as_sent(line, field):
+    """The JSON text of msg[field], a big string, as it was sent: a view of
+    line when payload_as_sent finds it, else None. Re-encoding a 64 KiB
+    string costs a scan and a copy of it on each side of a job. line is
+    valid JSON (a parser just read it)."""
+    found = payload_as_sent(line)
+    if found is None or found[0] != field:
+        return None
+    return memoryview(line)[found[1]:found[2] - 1]
 
 
 class SentString:
@@ -392,7 +407,6 @@ class SentString:
         self.json = json
 
 
-PAYLOAD_KEYS = ((b',"arg":', "arg"), (b',"res":', "res"), (b',"data":', "data"))
 SIMDJSON_LARGEST = 4 * 1024 * 1024      # its parser keeps ~3.3x the largest line's size
 SIMDJSON_PARSER = simdjson.Parser() if simdjson else None
 
@@ -406,17 +420,10 @@ def loads_big(line):
     field's value is a SentString. What simdjson refuses, and any other
     shape, orjson parses whole: what is refused, and why, stays orjson's
     (the two refuse the same strings: tests/test_srv_fuzz.py compares)."""
-    found = trailing_string(line) if SIMDJSON_PARSER and len(line) <= SIMDJSON_LARGEST else None
-    if found is None:
+    found = payload_as_sent(line) if SIMDJSON_PARSER and len(line) <= SIMDJSON_LARGEST else None
+    if found is None or not simdjson_accepts(line):
         return loads(line)
-    start, end = found
-    for key, field in PAYLOAD_KEYS:
-        if line.endswith(key, 0, start):
-            break
-    else:
-        return loads(line)
-    if 2 * (end - start) < len(line) or not simdjson_accepts(line):
-        return loads(line)
+    field, start, end = found
     msg = loads(line[:start] + b'""}')     # a flaw before the cut: the error it has in line
     if type(msg) is dict:
         msg[field] = SentString(memoryview(line)[start:end - 1])
