@@ -391,8 +391,8 @@ PAYLOAD_SHAPES = [
 
 
 def parsed_alike(line):
-    """orjson's reading of line and loads_big's, with a SentString turned
-    into the value its JSON text holds: or the two errors' types."""
+    """orjson's reading of line and loads_big's, each a message (a
+    SentString turned into the value its JSON text holds) or "refused"."""
     outcomes = []
     for parse in (orjson.loads, loads_big):
         try:
@@ -487,14 +487,16 @@ def test_a_refused_big_line_gets_orjson_s_reason():
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.binary(max_size=9000).map(lambda b: b.replace(b"\n", b"")), min_size=1, max_size=8),
-       st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"")))
-def test_split_lines_with_the_first_end_given_splits_as_without(lines, rest):
+       st.binary(max_size=20).map(lambda b: b.replace(b"\n", b"")),
+       st.integers(0, BIG_READ))
+def test_split_lines_with_the_first_end_given_splits_as_bytes_split(lines, rest, pad):
     """complete_lines passes the first LF it found, so that a big read's
-    first line is not scanned twice: the same lines, the same rest."""
-    data = b"\n".join(lines) + b"\n" + rest
-    first = data.find(b"\n")
-    got_lines, got_rest = split_lines(data, 0, first)
-    want_lines, want_rest = split_lines(data)
-    assert got_lines == want_lines == lines and bytes(got_rest) == bytes(want_rest) == rest
-    if len(data) >= BIG_READ:           # the find loop, not bytes.split
-        assert split_lines(data, 0, first) == split_lines(data, 0)
+    first line is not scanned twice: the lines and the rest are those of
+    bytes.split, in a read big enough for the find() loop, whether the
+    first line is long or short."""
+    lines[0] = b"p" * pad + lines[0]
+    data = b"\n".join(lines) + b"\n" + rest + b"r" * BIG_READ    # an unfinished rest, always
+    want = data.split(b"\n")
+    want_rest = want.pop()
+    got, got_rest = split_lines(data, 0, data.find(b"\n"))
+    assert got == want and bytes(got_rest) == want_rest

@@ -62,7 +62,7 @@ def test_lines_cut_anywhere_come_out_whole_and_in_order(pair, line_size):
 
 def test_an_unfinished_line_over_max_line_ends_the_connection(pair):
     conn, _ = pair
-    conn.max_line = 1000
+    conn.set_max_line(1000)
     assert conn.complete_lines(b"x" * 600) == []
     assert conn.complete_lines(b"x" * 600) is None
     assert conn.closing
