@@ -27,6 +27,21 @@ def test_hotpath_drives_every_job_through_the_real_connection_code():
                      done.stdout, re.M), done.stdout
 
 
+def test_hotpath_drives_more_workers_than_it_may_open_files():
+    # The fakes share one real socket: one each ran out of descriptors with
+    # 10,000 workers once the server's GC threshold kept old drives' around.
+    import resource
+
+    def few_descriptors():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+
+    done = subprocess.run([sys.executable, os.path.join(BENCH, "hotpath.py"), "--jobs", "1000",
+                           "--reps", "2", "--workers", "300", "--types", "10"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60, preexec_fn=few_descriptors)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"^1000 jobs, 300 workers over 10 types", done.stdout, re.M), done.stdout
+
+
 def test_hotpath_counts_the_bytecodes_each_server_function_runs_per_job():
     done = run_tool([os.path.join(BENCH, "hotpath.py"), "--jobs", "500", "--bytecodes"],
                     timeout=60)
