@@ -5,6 +5,7 @@ does not move with the noise of a shared machine.
     python3 bench/instructions.py [--side server|submitter|worker|hotpath]
                                   [--jobs 5000] [--server FILE] [--workers 32]
                                   [--types 1] [--arg-size 20] [--window 1000]
+                                  [--cache-misses]
 
 CPU time per job on a shared 2-vCPU VM varies by +-20 % between identical
 runs, more than most single changes to the hot path are worth. Instruction
@@ -28,6 +29,11 @@ slower), the rest at full speed:
 - hotpath: bench/hotpath.py's in-process drive (the server's Python only,
   fake sockets; includes the fake load's own work).
 
+--cache-misses also simulates a cache (CACHE_MODEL: one core's L1 and L2)
+and prints the data misses per job: what makes 10,000 workers dearer per
+job than 32 with the same instructions (each job goes to the worker that
+waited longest, whose state is cold). Four to five times slower again.
+
 Needs valgrind (`apt-get install valgrind`).
 """
 import argparse
@@ -44,20 +50,35 @@ ROOT = os.path.dirname(HERE)
 PYTHON = os.path.realpath(sys.executable)   # not a pyenv shim: valgrind must see python
 
 
+# --cache-misses simulates one fixed cache, not the host's (valgrind read
+# this VM's L3 as 320 MB, direct-mapped): a 32 KiB 8-way L1 and, as "LL",
+# a 1 MiB 16-way cache the size of one core's L2 on these machines.
+CACHE_MODEL = ['--cache-sim=yes', '--D1=32768,8,64', '--LL=1048576,16,64']
+COUNTS = {'instructions': rb'I\s+refs:\s+([\d,]+)',
+          'L1 data misses': rb'D1\s+misses:\s+([\d,]+)',
+          'LL data misses': rb'LLd\s+misses:\s+([\d,]+)'}
+cache_sim = False               # --cache-misses
+
+
 def valgrind(argv, **popen):
     """Start argv under cachegrind; its report goes to a pipe we read at the end."""
-    return subprocess.Popen(['valgrind', '--tool=cachegrind', '--cache-sim=no',
-                             '--cachegrind-out-file=/dev/null'] + argv,
+    model = CACHE_MODEL if cache_sim else ['--cache-sim=no']
+    return subprocess.Popen(['valgrind', '--tool=cachegrind', '--cachegrind-out-file=/dev/null']
+                            + model + argv,
                             stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
 
 
-def instructions(proc, timeout=600):
-    """The 'I refs' total valgrind prints when proc ends."""
+def valgrind_counts(proc, timeout=600):
+    """The totals valgrind prints when proc ends: {name in COUNTS: count}."""
     _, err = proc.communicate(timeout=timeout)
-    found = re.search(rb'I\s+refs:\s+([\d,]+)', err)
-    if not found:
-        sys.exit('valgrind printed no instruction count:\n' + err.decode(errors='replace')[-2000:])
-    return int(found.group(1).replace(b',', b''))
+    found = {}
+    for name, pattern in COUNTS.items():
+        match = re.search(pattern, err)
+        if match:
+            found[name] = int(match.group(1).replace(b',', b''))
+    if 'instructions' not in found or (cache_sim and len(found) < len(COUNTS)):
+        sys.exit('valgrind printed no counts:\n' + err.decode(errors='replace')[-2000:])
+    return found
 
 
 def free_port():
@@ -112,7 +133,7 @@ def run_server_side(opts, jobs):
                     '--arg-size', str(opts.arg_size), '--timeout', '600'],
                    stdout=subprocess.DEVNULL, check=True, timeout=700)
     proc.terminate()
-    return instructions(proc)
+    return valgrind_counts(proc)
 
 
 def run_client_side(opts, jobs):
@@ -128,12 +149,12 @@ def run_client_side(opts, jobs):
             workers_connected(port, 1)
             subprocess.run(submit_argv, stdout=subprocess.DEVNULL, check=True, timeout=700)
             worker.terminate()
-            return instructions(worker)
+            return valgrind_counts(worker)
         worker = subprocess.Popen(worker_argv, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         try:
             workers_connected(port, 1)
-            return instructions(valgrind(submit_argv, stdout=subprocess.DEVNULL))
+            return valgrind_counts(valgrind(submit_argv, stdout=subprocess.DEVNULL))
         finally:
             worker.terminate()
             worker.wait()
@@ -145,7 +166,7 @@ def run_client_side(opts, jobs):
 def run_hotpath(opts, jobs):
     code = ('import sys; sys.path.insert(0, %r); import hotpath; '
             'hotpath.drive(%d, %d, 1000, 20, 1)' % (HERE, jobs, opts.workers))
-    return instructions(valgrind([PYTHON, '-c', code], stdout=subprocess.DEVNULL))
+    return valgrind_counts(valgrind([PYTHON, '-c', code], stdout=subprocess.DEVNULL))
 
 
 SIDES = {'server': run_server_side, 'submitter': run_client_side,
@@ -164,15 +185,20 @@ def main():
     parser.add_argument('--arg-size', type=int, default=20, help='(server) bytes of each arg')
     parser.add_argument('--window', type=int, default=1000,
                         help='(server) unanswered jobs per client at most')
+    parser.add_argument('--cache-misses', action='store_true',
+                        help='also simulate a cache (see CACHE_MODEL): data misses per job')
     opts = parser.parse_args()
     if not shutil.which('valgrind'):
         sys.exit('needs valgrind: apt-get install valgrind')
+    global cache_sim
+    cache_sim = opts.cache_misses
     run = SIDES[opts.side]
     base = 2000
     fewer = run(opts, base)
     more = run(opts, base + opts.jobs)
-    print('%s: %.0f instructions per job (user space; %d - %d jobs)' % (
-        opts.side, (more - fewer) / opts.jobs, base + opts.jobs, base))
+    for name in fewer:
+        print('%s: %.1f %s per job (user space; %d - %d jobs)' % (
+            opts.side, (more[name] - fewer[name]) / opts.jobs, name, base + opts.jobs, base))
 
 
 if __name__ == '__main__':
