@@ -65,6 +65,11 @@ DEFAULT_MAX_ATTEMPTS = 5                 # worker losses before a job fails
 DEFAULT_METRICS_INTERVAL = 5.0           # seconds between -v metrics lines
 DEFAULT_HIGH_WATER = 4 * 1024 * 1024     # unsent bytes before a connection is paused
 DEFAULT_DRAIN_TIMEOUT = 30.0             # seconds SIGTERM waits for running jobs
+# Seconds a new connection has to finish its TLS handshake and, with a
+# secret, to authenticate; then it is closed. A stranger who connects and
+# says nothing would otherwise hold a descriptor (and a TLS greenlet)
+# forever. As MySQL's connect_timeout; 0: no limit.
+DEFAULT_AUTH_TIMEOUT = 10.0
 # Job types one connection may do. Handing a worker its next job looks at
 # each of its types: with 100,000 a job cost 13 ms, and a batch of its
 # answers kept everyone else waiting.
@@ -120,6 +125,11 @@ dumps = orjson.dumps
 monotonic = time.monotonic
 JSONDecodeError = orjson.JSONDecodeError
 JSONEncodeError = orjson.JSONEncodeError
+
+
+class AuthTimeout(Exception):
+    """Raised in a connection's greenlet that took longer than
+    --auth-timeout to finish its TLS handshake or to authenticate."""
 
 
 class ProtocolError(Exception):
@@ -1567,9 +1577,9 @@ class Connection:
                  "flush_scheduled", "writer_owns_socket", "raw_send", "raw_sendmsg", "raw_recv", "loop",
                  "run_callback", "watcher", "done_reading", "pending", "partial", "partial_len",
                  "writer", "wake_writer", "may_read", "closing", "logged_error", "peer", "long_line",
-                 "handlers", "turn")
+                 "handlers", "turn", "auth_deadline")
 
-    def __init__(self, server, sock, address):
+    def __init__(self, server, sock, address, auth_deadline=None):
         self.server = server
         self.broker = server.broker
         self.sock = sock
@@ -1599,12 +1609,14 @@ class Connection:
         self.may_read.set()
         self.closing = False        # set by a fatal error: flush, then close
         self.logged_error = False
+        self.auth_deadline = auth_deadline      # a gevent.Timeout until it authenticates
         self.peer = self.broker.connect(self, self.name)
         self.handlers = BEFORE_AUTH
         if server.secret is None:
             self.authenticated()
 
     def authenticated(self):
+        self.stop_auth_deadline()
         self.peer.authed = True
         self.handlers = COMMANDS
         self.set_max_line(self.server.max_line)
@@ -1665,9 +1677,12 @@ class Connection:
                 self.read_loop()
         except OSError:
             pass                    # reset by peer: the same as a close
+        except AuthTimeout:
+            self.too_late_to_authenticate()
         except Exception:
             log.exception("%s: internal error, closing the connection", self.name)
         finally:
+            self.stop_auth_deadline()
             self.stop_reading_in_hub()
             self.leave_the_broker()
             if self.closing:
@@ -1675,6 +1690,17 @@ class Connection:
             if self.writer is not None:
                 self.writer.kill()
             self.sock.close()
+
+    def stop_auth_deadline(self):
+        deadline, self.auth_deadline = self.auth_deadline, None
+        if deadline is not None:
+            deadline.close()
+
+    def too_late_to_authenticate(self):
+        self.server.log_throttle.log(logging.INFO, "%s: no auth within %g s, closing",
+                                     self.name, self.server.auth_timeout)
+        self.send(encode_error("no auth within %g s (--auth-timeout)" % self.server.auth_timeout))
+        self.closing = True
 
     # A plain socket is read by a callback of the event loop, not by this
     # greenlet: a worker answering one job at a time would otherwise cost two
@@ -2398,7 +2424,8 @@ class Server:
                  max_line=DEFAULT_MAX_LINE, max_attempts=DEFAULT_MAX_ATTEMPTS,
                  high_water=DEFAULT_HIGH_WATER, default_ttr=None, secret=None,
                  tls_context=None, http_address=None, drain_timeout=DEFAULT_DRAIN_TIMEOUT,
-                 metrics_interval=None, max_types=DEFAULT_MAX_TYPES):
+                 metrics_interval=None, max_types=DEFAULT_MAX_TYPES,
+                 auth_timeout=DEFAULT_AUTH_TIMEOUT):
         self.host, self.port, self.unix_path = host, port, unix_path
         self.max_line = max_line
         self.high_water = high_water
@@ -2406,6 +2433,7 @@ class Server:
         self.tls_context = tls_context
         self.http_address = http_address
         self.drain_timeout = drain_timeout
+        self.auth_timeout = auth_timeout
         self.metrics_interval = metrics_interval
         self.broker = Broker(max_attempts=max_attempts, default_ttr=default_ttr,
                              max_types=max_types)
@@ -2424,10 +2452,15 @@ class Server:
     def handle(self, sock, address):
         if sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.serve_connection(sock, address)
+        deadline = self.start_auth_deadline() if self.secret is not None else None
+        try:
+            self.serve_connection(sock, address, deadline)
+        finally:
+            if deadline is not None:    # (a timeout left running would fire in a dead greenlet)
+                deadline.close()
 
-    def serve_connection(self, sock, address):
-        conn = Connection(self, sock, address)
+    def serve_connection(self, sock, address, auth_deadline=None):
+        conn = Connection(self, sock, address, auth_deadline)
         self.connections.add(conn)
         try:
             conn.serve()
@@ -2435,20 +2468,44 @@ class Server:
             self.connections.discard(conn)
 
     def handle_tls(self, sock, address):
-        """The handshake runs in the connection's own greenlet; a failed one
-        (plain text, an untrusted client) is logged once, not a traceback."""
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        deadline = self.start_auth_deadline()
         try:
-            tls_sock = self.tls_context.wrap_socket(sock, server_side=True)
-        except OSError as exc:      # ssl.SSLError is an OSError
+            tls_sock = self.handshake(sock, address)
+            if tls_sock is None:
+                return
+            if self.secret is None and deadline is not None:    # nothing more to wait for
+                deadline.close()
+                deadline = None
+            try:
+                self.serve_connection(tls_sock, address, deadline)
+            finally:
+                tls_sock.close()
+        finally:
+            if deadline is not None:
+                deadline.close()
+
+    def handshake(self, sock, address):
+        """-> the TLS socket, or None. The handshake runs in the connection's
+        own greenlet; a failed one (plain text, an untrusted client, one too
+        slow) is logged once, not a traceback."""
+        try:
+            return self.tls_context.wrap_socket(sock, server_side=True)
+        except (OSError, AuthTimeout) as exc:      # ssl.SSLError is an OSError
+            if type(exc) is AuthTimeout:
+                exc = "not done within %g s (--auth-timeout)" % self.auth_timeout
             self.log_throttle.log(logging.INFO, "%s: TLS handshake failed: %s",
                                   format_address(address), exc)
             sock.close()
-            return
-        try:
-            self.serve_connection(tls_sock, address)
-        finally:
-            tls_sock.close()
+            return None
+
+    def start_auth_deadline(self):
+        """A timeout that raises AuthTimeout in this connection's greenlet
+        unless closed first (by Connection.authenticated); None with no
+        --auth-timeout."""
+        if not self.auth_timeout:
+            return None
+        return gevent.Timeout.start_new(self.auth_timeout, AuthTimeout)
 
     # -- starting ------------------------------------------------------------
 
@@ -2634,6 +2691,8 @@ Options:
   --http <[ip:]port>        Serve /metrics, /health and a status page over HTTP
                             (ip defaults to 127.0.0.1).
   --drain-timeout <sec>     How long SIGTERM waits for running jobs [default: 30]
+  --auth-timeout <sec>      Time a connection has for its TLS handshake and
+                            auth, 0 for no limit [default: 10]
   --log-level <level>       debug, info, warning or error [default: info]
   --help                    Show this help.
   --version                 Show the version.
@@ -2746,6 +2805,7 @@ def server_from_args(args, environ):
         tls_context=tls_context(args),
         http_address=parse_http_address(args["--http"]) if args["--http"] else None,
         drain_timeout=parse_number(args, "--drain-timeout", float, 0),
+        auth_timeout=parse_number(args, "--auth-timeout", float, 0),
         metrics_interval=interval if args["-v"] else None)
 
 

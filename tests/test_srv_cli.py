@@ -162,10 +162,18 @@ def test_version():
     ["--ttr", ""],
     ["--http", ""],
     ["--secret-file", ""],
+    ["--auth-timeout", "soon"],
+    ["--auth-timeout", "-1"],
+    ["--auth-timeout", "nan"],
 ], ids=lambda a: " ".join(a) or "none")
 def test_bad_option_gives_one_clear_line(args):
     proc = run_server(*args)
     assert_one_clear_line(proc)
+
+
+def test_a_bad_auth_timeout_says_what_it_must_be():
+    proc = run_server("--auth-timeout", "-1")
+    assert b"--auth-timeout must be a number >= 0, not '-1'" in proc.stderr
 
 
 def test_port_in_use(start_server):

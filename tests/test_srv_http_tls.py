@@ -73,6 +73,34 @@ def test_plain_text_on_a_tls_listener_gets_nothing_and_harms_nothing(start_serve
     roundtrip(TlsConn(srv.port, context), TlsConn(srv.port, context))
 
 
+def test_a_tls_handshake_not_done_within_auth_timeout_is_closed(start_server, tls_files):
+    """A connection that never starts (or finishes) its handshake would park
+    a greenlet forever; without a secret, one that finished it stays."""
+    cert, key, ca = tls_files
+    srv = start_server("--tls-cert", cert, "--tls-key", key, "--auth-timeout", "0.5")
+    context = ssl.create_default_context(cafile=ca)
+    done = TlsConn(srv.port, context)
+    silent = socket.create_connection(("127.0.0.1", srv.port), timeout=5)
+    try:
+        assert silent.recv(65536) == b""          # closed by the server, not a timeout here
+    except ConnectionResetError:
+        pass
+    silent.close()
+    time.sleep(0.2)
+    roundtrip(done, TlsConn(srv.port, context))     # past the deadline, still served
+    assert "TLS handshake failed: not done within 0.5 s (--auth-timeout)" in srv.stderr()
+
+
+def test_tls_with_a_secret_must_also_authenticate_within_auth_timeout(start_server, tls_files):
+    cert, key, ca = tls_files
+    srv = start_server("--tls-cert", cert, "--tls-key", key, "--secret", "pw",
+                       "--auth-timeout", "0.5")
+    c = TlsConn(srv.port, ssl.create_default_context(cafile=ca))
+    msg = c.expect("error")
+    assert msg["error"] == "no auth within 0.5 s (--auth-timeout)"
+    assert c.is_closed(3)
+
+
 def test_tls_needs_both_files_and_readable_ones(start_server, tls_files, tmp_path):
     import subprocess
     import sys

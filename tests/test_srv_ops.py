@@ -104,6 +104,49 @@ def test_a_long_secret_still_fits_before_auth(start_server, tmp_path):
     assert authed(srv, secret=secret)
 
 
+def test_a_connection_that_never_authenticates_is_closed_after_auth_timeout(start_server):
+    """A stranger who connects and says nothing (or half a line) would hold
+    a descriptor forever: after --auth-timeout it gets an error and is
+    closed. Connections that authenticated in time stay, however idle."""
+    srv = start_server("--secret", SECRET, "--auth-timeout", "0.5")
+    early = authed(srv)
+    silent, halfway = srv.connect(), srv.connect()
+    halfway.send_raw(b'{"cmd":"auth","secr')
+    started = time.monotonic()
+    for c in (silent, halfway):
+        msg = expect_error(c)
+        assert msg["error"] == "no auth within 0.5 s (--auth-timeout)"
+        assert c.is_closed(3)
+    assert time.monotonic() - started >= 0.4
+    assert early.metrics()["connections_open"] >= 1     # idle past the deadline, still served
+    assert "no auth within 0.5 s" in srv.stderr()
+
+
+def test_authenticating_just_before_the_auth_timeout_keeps_the_connection(start_server):
+    srv = start_server("--secret", SECRET, "--auth-timeout", "1")
+    c = srv.connect()
+    time.sleep(0.6)
+    c.send(auth(SECRET))
+    c.expect("auth", ok=True)
+    assert c.nothing_within(0.8)            # the deadline passed: nothing, still open
+    sync_quiet(c)
+
+
+def test_auth_timeout_zero_waits_for_auth_forever(start_server):
+    srv = start_server("--secret", SECRET, "--auth-timeout", "0")
+    c = srv.connect()
+    assert c.nothing_within(0.5)
+    c.send(auth(SECRET))
+    c.expect("auth", ok=True)
+
+
+def test_without_a_secret_idle_connections_are_never_timed_out(start_server):
+    srv = start_server("--auth-timeout", "0.2")
+    c = srv.connect()
+    assert c.nothing_within(0.6)
+    sync_quiet(c)
+
+
 def test_a_wrong_secret_in_a_loop_does_not_fill_the_log(start_server):
     """Each failed auth is logged, but at most LogThrottle's burst a window:
     a client retrying a wrong secret thousands of times a second wrote a
