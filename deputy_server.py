@@ -2333,21 +2333,33 @@ class ThrottledErrorLog:
         pass
 
 
-def http_server_class():
+def http_server_class(idle_timeout):
     """gevent's WSGI server (imported only with --http), accepting as the
     job listeners do when out of file descriptors; and its request handler,
     for which a request with too many (or too long) headers is a bad
     request like any other (gevent prints a traceback for the standard
-    library's HTTPException)."""
+    library's HTTPException, and for a timeout), and which closes a
+    connection that sends nothing for idle_timeout seconds (0: never), as
+    the job port does before auth: gevent would wait for a request for ever."""
     from http.client import HTTPException
     from gevent.pywsgi import WSGIHandler, WSGIServer
 
     class HttpHandler(WSGIHandler):
+        def handle(self):
+            if idle_timeout:
+                # Every read: waiting for a request line ends quietly,
+                # in the headers as a bad request (read_request).
+                self.socket.settimeout(idle_timeout)
+            super().handle()
+
         def read_request(self, raw_requestline):
             try:
                 return super().read_request(raw_requestline)
             except HTTPException as exc:
                 raise ValueError(str(exc)) from None
+            except socket.timeout:
+                raise ValueError("no complete request within %g s (--auth-timeout)"
+                                 % idle_timeout) from None
 
     class HttpServer(AcceptsOutOfFds, WSGIServer):
         handler_class = HttpHandler
@@ -2514,7 +2526,7 @@ class Server:
         if self.unix_path:
             self.listen(Listener(self.unix_listener(), self.handle), self.unix_path)
         if self.http_address:
-            self.http = http_server_class()(self.http_address, HttpApp(self), log=None,
+            self.http = http_server_class(self.auth_timeout)(self.http_address, HttpApp(self), log=None,
                                             error_log=ThrottledErrorLog(self.log_throttle))
             self.listen(self.http, "http://%s:%d" % self.http_address)
             self.listeners.remove(self.http)
@@ -2692,7 +2704,8 @@ Options:
                             (ip defaults to 127.0.0.1).
   --drain-timeout <sec>     How long SIGTERM waits for running jobs [default: 30]
   --auth-timeout <sec>      Time a connection has for its TLS handshake and
-                            auth, 0 for no limit [default: 10]
+                            auth; on --http, for each read. 0: no limit
+                            [default: 10]
   --log-level <level>       debug, info, warning or error [default: info]
   --help                    Show this help.
   --version                 Show the version.

@@ -129,6 +129,33 @@ def http_server(start_server):
     return srv
 
 
+def test_http_connections_that_send_nothing_for_auth_timeout_are_closed(start_server):
+    """gevent waits for a request for ever: a stranger opening connections to
+    --http and saying nothing would hold a descriptor and a greenlet each.
+    Requests that keep coming within the limit are served, on one
+    keep-alive connection too."""
+    port = free_port()
+    srv = start_server("--http", str(port), "--auth-timeout", "0.5")
+    silent = socket.create_connection(("127.0.0.1", port), timeout=5)
+    halfway = socket.create_connection(("127.0.0.1", port), timeout=5)
+    halfway.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")      # and never the blank line
+    kept = socket.create_connection(("127.0.0.1", port), timeout=5)
+    started = time.monotonic()
+    for _ in range(3):
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert kept.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(0.2)
+    assert silent.recv(65536) == b""
+    halfway.recv(65536)                         # a 400 or nothing, then the close
+    assert halfway.recv(65536) == b""
+    assert time.monotonic() - started >= 0.4
+    assert http_get(port, "/health")[0] == 200
+    for sock in (silent, halfway, kept):
+        sock.close()
+    assert "no complete request within 0.5 s (--auth-timeout)" in srv.stderr()
+    assert "Traceback" not in srv.stderr()
+
+
 def test_http_listens_on_loopback_only_when_given_a_port_alone(http_server):
     """SPEC 8: --http PORT is 127.0.0.1:PORT. Bound to 0.0.0.0 it would
     answer on 127.0.0.2 too."""
