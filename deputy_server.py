@@ -2526,8 +2526,9 @@ class Server:
         if self.unix_path:
             self.listen(Listener(self.unix_listener(), self.handle), self.unix_path)
         if self.http_address:
-            self.http = http_server_class(self.auth_timeout)(self.http_address, HttpApp(self), log=None,
-                                            error_log=ThrottledErrorLog(self.log_throttle))
+            http_server = http_server_class(idle_timeout=self.auth_timeout)
+            self.http = http_server(self.http_address, HttpApp(self), log=None,
+                                    error_log=ThrottledErrorLog(self.log_throttle))
             self.listen(self.http, "http://%s:%d" % self.http_address)
             self.listeners.remove(self.http)
         handle = self.handle_tls if self.tls_context else self.handle
