@@ -66,9 +66,10 @@ DEFAULT_METRICS_INTERVAL = 5.0           # seconds between -v metrics lines
 DEFAULT_HIGH_WATER = 4 * 1024 * 1024     # unsent bytes before a connection is paused
 DEFAULT_DRAIN_TIMEOUT = 30.0             # seconds SIGTERM waits for running jobs
 # Seconds a new connection has to finish its TLS handshake and, with a
-# secret, to authenticate; then it is closed. A stranger who connects and
-# says nothing would otherwise hold a descriptor (and a TLS greenlet)
-# forever. As MySQL's connect_timeout; 0: no limit.
+# secret, to authenticate; then it is closed (on --http: the longest wait
+# for a request's next bytes). A stranger who connects and says nothing
+# would otherwise hold a descriptor (and on TLS or HTTP a greenlet) for
+# ever. As MySQL's connect_timeout; 0: no limit.
 DEFAULT_AUTH_TIMEOUT = 10.0
 # Job types one connection may do. Handing a worker its next job looks at
 # each of its types: with 100,000 a job cost 13 ms, and a batch of its
