@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
 
@@ -40,6 +42,32 @@ def test_hotpath_drives_more_workers_than_it_may_open_files():
                           capture_output=True, text=True, timeout=60, preexec_fn=few_descriptors)
     assert done.returncode == 0, done.stderr[-3000:]
     assert re.search(r"^1000 jobs, 300 workers over 10 types", done.stdout, re.M), done.stdout
+
+
+VALGRIND_SUMMARY = """==1== I   refs:      5,421,338,925
+==1== D   refs:      2,388,693,438  (1,658,736,943 rd   + 729,956,495 wr)
+==1== D1  misses:       83,805,477  (   76,728,661 rd   +   7,076,816 wr)
+==1== LLd misses:          927,544  (      564,247 rd   +     363,297 wr)
+"""
+
+
+def test_instructions_reads_each_count_valgrind_prints(monkeypatch):
+    # valgrind itself is not needed: a process prints its summary.
+    spec = importlib.util.spec_from_file_location("instructions",
+                                                  os.path.join(BENCH, "instructions.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def summary():
+        return subprocess.Popen([sys.executable, "-c", "import sys; sys.stderr.write(%r)"
+                                 % VALGRIND_SUMMARY], stderr=subprocess.PIPE)
+
+    assert tool.valgrind_counts(summary()) == {
+        "instructions": 5421338925, "L1 data misses": 83805477, "LL data misses": 927544}
+    monkeypatch.setattr(tool, "cache_sim", True)
+    silent = subprocess.Popen([sys.executable, "-c", "pass"], stderr=subprocess.PIPE)
+    with pytest.raises(SystemExit):
+        tool.valgrind_counts(silent)
 
 
 def test_hotpath_counts_the_bytecodes_each_server_function_runs_per_job():
