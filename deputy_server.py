@@ -1574,9 +1574,11 @@ class Connection:
 
     # Slots keep a connection's state in one compact object: with 10,000
     # workers, each job touches a connection that is cold in the CPU cache.
+    # (The socket is reached through raw: a bound method of it kept in a
+    # slot would be one more cold object.)
     __slots__ = ("server", "broker", "sock", "name", "max_line", "high_water", "out", "out_bytes",
-                 "flush_scheduled", "writer_owns_socket", "raw_send", "raw_sendmsg", "raw_recv", "loop",
-                 "run_callback", "watcher", "done_reading", "pending", "partial", "partial_len",
+                 "flush_scheduled", "writer_owns_socket", "raw", "loop", "watcher", "done_reading",
+                 "pending", "partial", "partial_len",
                  "writer", "wake_writer", "may_read", "closing", "logged_error", "peer", "long_line",
                  "handlers", "turn", "auth_deadline")
 
@@ -1593,11 +1595,8 @@ class Connection:
         self.writer_owns_socket = False
         raw = getattr(sock, "_sock", None)
         plain = isinstance(raw, socket.SocketType) and not hasattr(sock, "getpeercert")  # no TLS
-        self.raw_send = raw.send if plain else None
-        self.raw_recv = raw.recv if plain else None
-        self.raw_sendmsg = raw.sendmsg if plain else None
+        self.raw = raw if plain else None
         self.loop = gevent.get_hub().loop
-        self.run_callback = self.loop.run_callback
         self.watcher = None         # reads in the hub: see read_in_hub
         self.turn = None            # a timer: the pending lines' next turn
         self.done_reading = None
@@ -1635,7 +1634,7 @@ class Connection:
         self.out_bytes += len(data)
         if not self.flush_scheduled:
             self.flush_scheduled = True
-            self.run_callback(self.flush)
+            self.loop.run_callback(self.flush)
         if self.out_bytes > self.high_water and not self.peer.paused:
             self.pause()
 
@@ -1672,7 +1671,7 @@ class Connection:
         tidies up. On a plain socket the reads happen in the hub (see
         read_in_hub); the greenlet only waits for the end."""
         try:
-            if self.raw_send is not None:
+            if self.raw is not None:
                 self.read_in_hub()
             else:
                 self.read_loop()
@@ -1743,7 +1742,7 @@ class Connection:
 
     def on_readable(self):
         try:
-            data = self.raw_recv(RECV_SIZE)
+            data = self.raw.recv(RECV_SIZE)
         except BlockingIOError:
             return
         except OSError:
@@ -2035,7 +2034,7 @@ class Connection:
         out = self.out
         if not out or self.writer_owns_socket:
             return
-        if self.raw_send is None:
+        if self.raw is None:
             return self.hand_to_writer()
         while out:
             if len(out) == 1:       # the usual case: one message since the last flush
@@ -2044,9 +2043,9 @@ class Connection:
                 chunk, size = self.next_chunk()
             try:
                 if type(chunk) is list:
-                    sent = self.raw_sendmsg(chunk)
+                    sent = self.raw.sendmsg(chunk)
                 else:
-                    sent = self.raw_send(chunk)
+                    sent = self.raw.send(chunk)
             except BlockingIOError:
                 sent = 0
             except OSError:

@@ -68,6 +68,14 @@ class FakeWatcher:
         pass
 
 
+class FakeLoop:
+    """The loop a connection asks to flush it at the end of the turn: a
+    plain list of callbacks here."""
+
+    def __init__(self, callbacks):
+        self.run_callback = callbacks.append
+
+
 class FakeTurn:
     """The timer that gives a connection its next turn: here the turn is
     one more callback of the plain loop."""
@@ -91,23 +99,21 @@ class Peer:
         self.written = []
         self.busy = busy            # the peers written to since the load last looked
         self.conn = deputy_server.Connection(server, FakeSocket(), ("fake", 0))
-        self.conn.raw_send = self.raw_send
-        self.conn.raw_sendmsg = self.raw_sendmsg
-        self.conn.raw_recv = self.raw_recv
-        self.conn.run_callback = callbacks.append
+        self.conn.raw = self         # its send, sendmsg and recv
+        self.conn.loop = FakeLoop(callbacks)
         self.conn.watcher = FakeWatcher()
         self.conn.turn = FakeTurn(callbacks)
 
-    def raw_send(self, data):
+    def send(self, data):
         if not self.written:
             self.busy.append(self)
         self.written.append(data)
         return len(data)
 
-    def raw_sendmsg(self, pieces):
-        return self.raw_send(b"".join(pieces))
+    def sendmsg(self, pieces):
+        return self.send(b"".join(pieces))
 
-    def raw_recv(self, size):
+    def recv(self, size):
         return self.inbox.popleft()
 
     def deliver(self, data):

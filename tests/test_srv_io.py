@@ -23,6 +23,25 @@ def pair():
     theirs.close()
 
 
+class RawSpy:
+    """Stands in for a connection's raw socket, whose methods cannot be
+    replaced: each test swaps the ones it watches."""
+
+    def __init__(self, real):
+        self.send, self.sendmsg, self.recv = real.send, real.sendmsg, real.recv
+
+
+class LoopSpy:
+    """Stands in for a connection's event loop: records the callbacks it
+    is asked to run."""
+
+    def __init__(self):
+        self.callbacks = []
+
+    def run_callback(self, *args):
+        self.callbacks.append(args)
+
+
 def read_exactly(sock, size, timeout=10):
     got = []
     with gevent.Timeout(timeout):
@@ -112,7 +131,8 @@ def test_partial_and_refused_sends_lose_and_repeat_nothing(seed):
     rng = random.Random(seed)
     ours, theirs = gevent.socket.socketpair()
     conn = Connection(Server(port=0), ours, ("test", 0))
-    real_send = conn.raw_send
+    conn.raw = RawSpy(conn.raw)
+    real_send = conn.raw.send
 
     def stingy_send(data):
         if rng.random() < 0.2:
@@ -122,7 +142,7 @@ def test_partial_and_refused_sends_lose_and_repeat_nothing(seed):
     def stingy_sendmsg(pieces):
         return stingy_send(b"".join(pieces))
 
-    conn.raw_send, conn.raw_sendmsg = stingy_send, stingy_sendmsg
+    conn.raw.send, conn.raw.sendmsg = stingy_send, stingy_sendmsg
     sent = []
     try:
         for n in range(rng.randint(1, 40)):
@@ -153,7 +173,8 @@ def test_partial_and_refused_sends_lose_and_repeat_nothing(seed):
 def test_big_payloads_go_to_the_kernel_without_a_copy(pair):
     conn, _ = pair
     given = []
-    conn.raw_sendmsg = lambda pieces: given.append(pieces) or sum(map(len, pieces))
+    conn.raw = RawSpy(conn.raw)
+    conn.raw.sendmsg = lambda pieces: given.append(pieces) or sum(map(len, pieces))
     payload = b'"' + b"x" * BIG_PIECE + b'"'
     conn.send_many((b'{"cmd":"did","id":1,"res":', payload, b"}\r\n"))
     conn.flush()
@@ -164,8 +185,9 @@ def test_big_payloads_go_to_the_kernel_without_a_copy(pair):
 def test_small_pieces_are_joined_into_one_send(pair):
     conn, theirs = pair
     calls = []
-    raw_send = conn.raw_send
-    conn.raw_send = lambda data: calls.append(len(data)) or raw_send(data)
+    conn.raw = RawSpy(conn.raw)
+    raw_send = conn.raw.send
+    conn.raw.send = lambda data: calls.append(len(data)) or raw_send(data)
     for n in range(50):
         conn.send(b'{"cmd":"queued","id":%d}\r\n' % n)
     conn.flush()
@@ -177,15 +199,16 @@ def test_the_replies_to_a_batch_go_out_in_one_send_at_its_end(pair):
     """No flush callback of their own: a worker's next job leaves in the
     same turn of the loop as the answer that freed it."""
     conn, theirs = pair
-    sends, callbacks = [], []
-    raw_send = conn.raw_send
-    conn.raw_send = lambda data: sends.append(len(data)) or raw_send(data)
-    conn.run_callback = lambda *args: callbacks.append(args)
+    sends = []
+    conn.raw = RawSpy(conn.raw)
+    raw_send = conn.raw.send
+    conn.raw.send = lambda data: sends.append(len(data)) or raw_send(data)
+    conn.loop = LoopSpy()
     theirs.sendall(b"".join(b'{"cmd":"do","id":%d,"type":"t","bg":true}\r\n' % n
                             for n in range(20)))
     gevent.sleep(0.01)
     conn.on_readable()
-    assert len(sends) == 1 and callbacks == []
+    assert len(sends) == 1 and conn.loop.callbacks == []
     replies = read_exactly(theirs, sends[0])
     assert replies == b"".join(b'{"cmd":"queued","id":%d}\r\n' % n for n in range(20))
 
