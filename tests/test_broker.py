@@ -8,7 +8,7 @@ import pytest
 
 import deputy_server
 from deputy_server import (
-    FINISHED, QUEUED, Broker, Job, JobQueue, ProtocolError, do_tail, parse_did, parse_do)
+    FINISHED, QUEUED, Broker, Job, JobQueue, Peer, ProtocolError, do_tail, parse_did, parse_do)
 
 
 class FakeLink:
@@ -56,7 +56,7 @@ def broker():
 
 def peer(broker):
     link = FakeLink()
-    return broker.connect(link), link
+    return broker.connect(Peer(link)), link
 
 
 def worker(broker, types=("echo",), capacity=None):
