@@ -2,6 +2,7 @@
 the server's internals once broke bench/hotpath.py's fakes unnoticed.
 These check that each tool finishes and reports every job done, never how
 fast (figures belong in the benchmark, not in tests)."""
+import argparse
 import importlib.util
 import json
 import os
@@ -68,6 +69,29 @@ def test_instructions_reads_each_count_valgrind_prints(monkeypatch):
     silent = subprocess.Popen([sys.executable, "-c", "pass"], stderr=subprocess.PIPE)
     with pytest.raises(SystemExit):
         tool.valgrind_counts(silent)
+
+
+def test_instructions_drives_the_hotpath_of_the_server_file_it_is_given(tmp_path):
+    """--side hotpath measures --server's file, under --types and --window:
+    a variant that reports each job it was given is the one driven."""
+    spec = importlib.util.spec_from_file_location("instructions",
+                                                  os.path.join(BENCH, "instructions.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    variant = tmp_path / "variant.py"
+    with open(os.path.join(ROOT, "deputy_server.py")) as original:
+        variant.write_text(original.read() + """
+import atexit
+submitted = []
+real_submit = Broker.submit
+Broker.submit = lambda self, peer, job: submitted.append(job.kind) or real_submit(self, peer, job)
+atexit.register(lambda: print("variant saw", len(submitted), sorted(set(submitted))))
+""")
+    opts = argparse.Namespace(server=str(variant), workers=4, window=20, arg_size=10, types=2)
+    done = subprocess.run([sys.executable, "-c", tool.hotpath_code(opts, 60)],
+                          capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert b"variant saw 60 ['echo0', 'echo1']" in done.stdout
 
 
 def test_hotpath_counts_the_bytecodes_each_server_function_runs_per_job():
