@@ -746,9 +746,11 @@ class Peer:
                  "got_results", "deadlines", "held_back", "authed", "name")
 
     def __init__(self, link, name=""):
-        # The connection: link.send(bytes) and link.send_many(pieces of one
-        # message) never block; link.close() ends it. (Called through link,
-        # not kept as bound methods: three fewer objects to touch per job.)
+        # The connection: link.send(bytes), link.send_now(bytes: sent at
+        # once, nothing else follows this turn) and link.send_many(pieces
+        # of one message) never block; link.close() ends it. (Called
+        # through link, not kept as bound methods: fewer objects to touch
+        # per job.)
         self.link = link
         self.name = name
         self.kinds = {}             # JobType -> None (ordered: can_do order)
@@ -1072,9 +1074,11 @@ class Broker:
         job.held_back = None
         job.kind.queue.push_front(job)
 
-    def assign(self, job, peer):
+    def assign(self, job, peer, last_slot=False):
         """Hand job to peer: a new wid for every hand-out, so a late answer
-        for an earlier hand-out can never finish this one."""
+        for an earlier hand-out can never finish this one. last_slot: it
+        fills the idle worker's last free slot, so its `do` goes out at
+        once (see Connection.send_now)."""
         kind = job.kind
         kind.queued -= 1
         kind.running += 1
@@ -1087,7 +1091,11 @@ class Broker:
         if job.ttr is not None:
             job.ttr_timer = self.start_timer(job.ttr, self.ttr_expired, job, wid)
         if len(job.arg_tail) < BIG_PIECE:
-            peer.link.send(b'{"cmd":"do","id":%d%b%b' % (wid, kind.do_prefix, job.arg_tail))
+            line = b'{"cmd":"do","id":%d%b%b' % (wid, kind.do_prefix, job.arg_tail)
+            if last_slot:
+                peer.link.send_now(line)
+            else:
+                peer.link.send(line)
         elif type(job.arg_tail) is memoryview:      # a big string, as it was sent
             peer.link.send_many((b'{"cmd":"do","id":%d%b' % (wid, kind.do_prefix), job.arg_tail,
                                  b"}\r\n"))
@@ -1097,8 +1105,9 @@ class Broker:
     def assign_idle(self, job, peer):
         """assign() to a worker from an idle list: full, it leaves the
         lists; else it goes to the back of them."""
-        self.assign(job, peer)
-        if len(peer.held) >= peer.capacity:
+        last_slot = len(peer.held) + 1 >= peer.capacity
+        self.assign(job, peer, last_slot)
+        if last_slot:
             for other in peer.kinds:
                 other.idle.pop(peer, None)
         else:
@@ -1640,6 +1649,19 @@ class Connection(Peer):
         if not self.flush_scheduled:
             self.flush_scheduled = True
             self.loop.run_callback(self.flush)
+        if self.out_bytes > self.high_water and not self.paused:
+            self.pause()
+
+    def send_now(self, data):
+        """send(), when nothing else is likely to follow in this turn (a
+        worker given the job that fills its last slot): to the kernel at
+        once, unless a flush is due anyway. With 10,000 workers a
+        flush in a callback of its own found the connection cold again,
+        after the rest of the submitter's batch."""
+        self.out.append(data)
+        self.out_bytes += len(data)
+        if not self.flush_scheduled:        # else it goes with the rest, as send()'s
+            self.flush()
         if self.out_bytes > self.high_water and not self.paused:
             self.pause()
 

@@ -23,6 +23,8 @@ class FakeLink:
         assert data.endswith(b"\r\n")
         self.sent.append(orjson.loads(data))
 
+    send_now = send
+
     def send_many(self, pieces):
         self.pieces.append(pieces)
         self.send(b"".join(pieces))

@@ -10,7 +10,8 @@ import gevent.socket
 import pytest
 
 from deputy_server import (
-    BIG_PIECE, BIG_READ, WRITE_CHUNK, WRITE_PIECES, Connection, Server, unsent_part)
+    BIG_PIECE, BIG_READ, WRITE_CHUNK, WRITE_PIECES, Connection, Peer, Server, parse_do,
+    unsent_part)
 
 
 @pytest.fixture
@@ -211,6 +212,69 @@ def test_the_replies_to_a_batch_go_out_in_one_send_at_its_end(pair):
     assert len(sends) == 1 and conn.loop.callbacks == []
     replies = read_exactly(theirs, sends[0])
     assert replies == b"".join(b'{"cmd":"queued","id":%d}\r\n' % n for n in range(20))
+
+
+class Link:
+    """A submitter's end, as the broker sees it: what it was sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, data):
+        self.sent.append(data)
+
+
+def submit(broker, submitter, id, type="t"):
+    line = b'{"cmd":"do","id":%d,"type":"%s","arg":%d}' % (id, type.encode(), id)
+    broker.submit(submitter, parse_do({"cmd": "do", "id": id, "type": type, "arg": id}, line))
+
+
+def test_the_job_that_fills_an_idle_workers_last_slot_leaves_at_once(pair):
+    """Handed out from another connection's batch, a worker's `do` goes to
+    the kernel then and there, not in a callback after the rest of that
+    batch (by when, with 10,000 workers, the connection was cold again)."""
+    conn, theirs = pair
+    broker = conn.broker
+    submitter = broker.connect(Peer(Link()))
+    broker.can_do(conn, ["t"], 1)
+    conn.loop = LoopSpy()
+    submit(broker, submitter, 7)
+    assert len(conn.held) == 1 and conn.out == [] and conn.loop.callbacks == []
+    want = b'{"cmd":"do","id":1,"type":"t","arg":7}\r\n'
+    assert read_exactly(theirs, len(want)) == want
+
+
+def test_a_job_for_a_worker_with_room_left_waits_for_the_end_of_the_turn(pair):
+    """Its next jobs may follow in the same turn: they go in one send."""
+    conn, theirs = pair
+    broker = conn.broker
+    submitter = broker.connect(Peer(Link()))
+    broker.can_do(conn, ["t"], 2)
+    conn.loop = LoopSpy()
+    submit(broker, submitter, 1)
+    assert len(conn.out) == 1 and len(conn.loop.callbacks) == 1
+    submit(broker, submitter, 2)            # its last slot, but a flush is due
+    assert len(conn.out) == 2 and len(conn.loop.callbacks) == 1
+    conn.flush()
+    want = (b'{"cmd":"do","id":1,"type":"t","arg":1}\r\n{"cmd":"do","id":2,"type":"t","arg":2}'
+            b'\r\n')
+    assert read_exactly(theirs, len(want)) == want
+
+
+def test_the_job_that_fills_a_workers_last_slot_waits_for_a_flush_that_is_due(pair):
+    """Already due to flush (its own batch, or a message queued this turn),
+    the worker's `do` goes with the rest, in one send."""
+    conn, theirs = pair
+    broker = conn.broker
+    submitter = broker.connect(Peer(Link()))
+    broker.can_do(conn, ["t"], 1)
+    conn.loop = LoopSpy()
+    conn.send(b'{"cmd":"error","error":"x"}\r\n')
+    submit(broker, submitter, 1)
+    assert len(conn.out) == 2 and len(conn.loop.callbacks) == 1
+    conn.flush()
+    want = b'{"cmd":"error","error":"x"}\r\n{"cmd":"do","id":1,"type":"t","arg":1}\r\n'
+    assert read_exactly(theirs, len(want)) == want
 
 
 def test_a_backlog_bigger_than_the_socket_buffer_arrives_whole_and_in_order(pair):
