@@ -570,8 +570,9 @@ def parse_did(msg, line):
 ###############################################################################
 # Jobs and the broker: per-type queues, worker slots, dispatch, requeue,
 # metrics. The broker talks to connections only through Peer.link (its
-# send, send_many and close), and is told of backpressure through
-# Broker.pause and Broker.resume, so tests can drive it with fakes.
+# send, send_now, send_many and close), and is told of backpressure through
+# Broker.pause and Broker.resume, so tests can drive it with fakes. (A
+# Connection is a Peer whose link is itself.)
 ###############################################################################
 
 QUEUED, RUNNING, FINISHED = 0, 1, 2
