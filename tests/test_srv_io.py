@@ -229,16 +229,22 @@ def submit(broker, submitter, id, type="t"):
     broker.submit(submitter, parse_do({"cmd": "do", "id": id, "type": type, "arg": id}, line))
 
 
+def idle_worker(conn, capacity):
+    """Make conn an idle worker of type "t" whose loop records the flushes
+    asked for; -> a submitter on the same broker."""
+    submitter = conn.broker.connect(Peer(Link()))
+    conn.broker.can_do(conn, ["t"], capacity)
+    conn.loop = LoopSpy()
+    return submitter
+
+
 def test_the_job_that_fills_an_idle_workers_last_slot_leaves_at_once(pair):
     """Handed out from another connection's batch, a worker's `do` goes to
     the kernel then and there, not in a callback after the rest of that
     batch (by when, with 10,000 workers, the connection was cold again)."""
     conn, theirs = pair
-    broker = conn.broker
-    submitter = broker.connect(Peer(Link()))
-    broker.can_do(conn, ["t"], 1)
-    conn.loop = LoopSpy()
-    submit(broker, submitter, 7)
+    submitter = idle_worker(conn, 1)
+    submit(conn.broker, submitter, 7)
     assert len(conn.held) == 1 and conn.out == [] and conn.loop.callbacks == []
     want = b'{"cmd":"do","id":1,"type":"t","arg":7}\r\n'
     assert read_exactly(theirs, len(want)) == want
@@ -247,13 +253,10 @@ def test_the_job_that_fills_an_idle_workers_last_slot_leaves_at_once(pair):
 def test_a_job_for_a_worker_with_room_left_waits_for_the_end_of_the_turn(pair):
     """Its next jobs may follow in the same turn: they go in one send."""
     conn, theirs = pair
-    broker = conn.broker
-    submitter = broker.connect(Peer(Link()))
-    broker.can_do(conn, ["t"], 2)
-    conn.loop = LoopSpy()
-    submit(broker, submitter, 1)
+    submitter = idle_worker(conn, 2)
+    submit(conn.broker, submitter, 1)
     assert len(conn.out) == 1 and len(conn.loop.callbacks) == 1
-    submit(broker, submitter, 2)            # its last slot, but a flush is due
+    submit(conn.broker, submitter, 2)       # its last slot, but a flush is due
     assert len(conn.out) == 2 and len(conn.loop.callbacks) == 1
     conn.flush()
     want = (b'{"cmd":"do","id":1,"type":"t","arg":1}\r\n{"cmd":"do","id":2,"type":"t","arg":2}'
@@ -265,12 +268,9 @@ def test_the_job_that_fills_a_workers_last_slot_waits_for_a_flush_that_is_due(pa
     """Already due to flush (its own batch, or a message queued this turn),
     the worker's `do` goes with the rest, in one send."""
     conn, theirs = pair
-    broker = conn.broker
-    submitter = broker.connect(Peer(Link()))
-    broker.can_do(conn, ["t"], 1)
-    conn.loop = LoopSpy()
+    submitter = idle_worker(conn, 1)
     conn.send(b'{"cmd":"error","error":"x"}\r\n')
-    submit(broker, submitter, 1)
+    submit(conn.broker, submitter, 1)
     assert len(conn.out) == 2 and len(conn.loop.callbacks) == 1
     conn.flush()
     want = b'{"cmd":"error","error":"x"}\r\n{"cmd":"do","id":1,"type":"t","arg":1}\r\n'
