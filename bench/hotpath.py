@@ -99,8 +99,12 @@ class Peer:
         self.written = []
         self.busy = busy            # the peers written to since the load last looked
         self.conn = deputy_server.Connection(server, FakeSocket(), ("fake", 0))
-        self.conn.raw = self         # its send, sendmsg and recv
-        self.conn.loop = FakeLoop(callbacks)
+        try:
+            self.conn.raw = self         # its send, sendmsg and recv
+            self.conn.loop = FakeLoop(callbacks)
+        except AttributeError:      # a server from before 2026-12-04 (to compare with)
+            self.conn.raw_send, self.conn.raw_sendmsg = self.send, self.sendmsg
+            self.conn.raw_recv, self.conn.run_callback = self.recv, callbacks.append
         self.conn.watcher = FakeWatcher()
         self.conn.turn = FakeTurn(callbacks)
 

@@ -71,27 +71,59 @@ def test_instructions_reads_each_count_valgrind_prints(monkeypatch):
         tool.valgrind_counts(silent)
 
 
-def test_instructions_drives_the_hotpath_of_the_server_file_it_is_given(tmp_path):
-    """--side hotpath measures --server's file, under --types and --window:
-    a variant that reports each job it was given is the one driven."""
+# Appended to a copy of a server file: what the hotpath drive gave its broker.
+REPORT_SUBMISSIONS = """
+import atexit, json as report_json
+seen = {"jobs": 0, "types": [], "most_unanswered": 0, "args": []}
+real_submit = Broker.submit
+def reporting_submit(self, peer, job):
+    seen["jobs"] += 1
+    seen["types"] = sorted(set(seen["types"]) | {job.kind})
+    seen["args"] = sorted(set(seen["args"]) | {bytes(job.arg_tail).decode()})
+    seen["most_unanswered"] = max(seen["most_unanswered"], len(peer.jobs) + 1)
+    return real_submit(self, peer, job)
+Broker.submit = reporting_submit
+atexit.register(lambda: print("variant saw " + report_json.dumps(seen)))
+"""
+
+
+def drive_hotpath_of(server_text, tmp_path):
+    """Run instructions.py's hotpath code (without valgrind) on a copy of
+    server_text that reports its submissions: -> what it saw."""
     spec = importlib.util.spec_from_file_location("instructions",
                                                   os.path.join(BENCH, "instructions.py"))
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     variant = tmp_path / "variant.py"
-    with open(os.path.join(ROOT, "deputy_server.py")) as original:
-        variant.write_text(original.read() + """
-import atexit
-submitted = []
-real_submit = Broker.submit
-Broker.submit = lambda self, peer, job: submitted.append(job.kind) or real_submit(self, peer, job)
-atexit.register(lambda: print("variant saw", len(submitted), sorted(set(submitted))))
-""")
+    variant.write_text(server_text + REPORT_SUBMISSIONS)
     opts = argparse.Namespace(server=str(variant), workers=4, window=20, arg_size=10, types=2)
     done = subprocess.run([sys.executable, "-c", tool.hotpath_code(opts, 60)],
-                          capture_output=True, timeout=60)
-    assert done.returncode == 0, done.stderr.decode(errors="replace")
-    assert b"variant saw 60 ['echo0', 'echo1']" in done.stdout
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.split("variant saw ", 1)[1])
+
+
+def test_instructions_drives_the_hotpath_of_the_server_file_it_is_given(tmp_path):
+    """--side hotpath measures --server's file, under --types, --window and
+    --arg-size: a variant that reports the jobs it was given is the one
+    driven, and they are the ones asked for."""
+    with open(os.path.join(ROOT, "deputy_server.py")) as original:
+        seen = drive_hotpath_of(original.read(), tmp_path)
+    assert seen == {"jobs": 60, "types": ["echo0", "echo1"], "most_unanswered": 20,
+                    "args": ['"xxxxxxxx"}\r\n']}
+
+
+def test_the_hotpath_drives_a_server_from_before_its_socket_change(tmp_path):
+    """The fakes also fit the Connection of 00db1c6 (a socket's bound methods
+    in slots), the version to compare the later ones with."""
+    try:
+        old = subprocess.run(["git", "show", "00db1c6:deputy_server.py"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=30)
+    except OSError:
+        pytest.skip("no git")
+    if old.returncode:
+        pytest.skip("not a git checkout with the project's history")
+    assert drive_hotpath_of(old.stdout, tmp_path)["jobs"] == 60
 
 
 def test_hotpath_counts_the_bytecodes_each_server_function_runs_per_job():
