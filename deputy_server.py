@@ -743,8 +743,8 @@ class Peer:
 
     # What every job reads of its worker comes first, in as few cache lines
     # as possible: with 10,000 workers, each job goes to a cold one.
-    __slots__ = ("link", "held", "capacity", "kinds", "paused", "closed", "later", "jobs",
-                 "got_results", "deadlines", "held_back", "authed", "name")
+    __slots__ = ("link", "held", "capacity", "kind_list", "paused", "closed", "later", "jobs",
+                 "kinds", "got_results", "deadlines", "held_back", "authed", "name")
 
     def __init__(self, link, name=""):
         # The connection: link.send(bytes), link.send_now(bytes: sent at
@@ -755,6 +755,7 @@ class Peer:
         self.link = link
         self.name = name
         self.kinds = {}             # JobType -> None (ordered: can_do order)
+        self.kind_list = ()         # the same, to walk through: one cache line, not two
         self.capacity = 1
         self.held = {}              # wid -> Job this worker is doing
         self.jobs = {}              # submitter id -> Job not yet answered
@@ -907,6 +908,7 @@ class Broker:
             if kind not in peer.kinds:
                 peer.kinds[kind] = None
                 kind.workers += 1
+        peer.kind_list = tuple(peer.kinds)
         self.worker_ready(peer)
 
     def cant_do(self, peer, names):
@@ -917,6 +919,7 @@ class Broker:
                 del peer.kinds[kind]
                 kind.workers -= 1
                 kind.idle.pop(peer, None)
+        peer.kind_list = tuple(peer.kinds)
         if had_kinds and not peer.kinds:
             self.counters.workers -= 1
 
@@ -927,11 +930,11 @@ class Broker:
         gets the rest in later turns, after everyone else's."""
         held, capacity = peer.held, peer.capacity
         given = 0
-        if len(peer.kinds) > FEW_TYPES:
+        if len(peer.kind_list) > FEW_TYPES:
             given = self.hand_out_over_many_types(peer)
         else:
             while len(held) < capacity and not self.draining and not peer.paused:
-                job = self.best_job_for(peer.kinds)
+                job = self.best_job_for(peer.kind_list)
                 if job is None:
                     break
                 job.kind.queue.pop_head()
@@ -941,13 +944,13 @@ class Broker:
                     self.in_next_turn(peer, self.ready_again)
                     break
         if len(held) < capacity and not peer.paused and not peer.closed:     # a free slot
-            for kind in peer.kinds:
+            for kind in peer.kind_list:
                 if peer not in kind.idle:
                     kind.idle[peer] = None
                 elif given:         # it just got work: to the back of the line
                     kind.idle.move_to_end(peer)
         else:                       # full, e.g. after its capacity was lowered
-            for kind in peer.kinds:
+            for kind in peer.kind_list:
                 kind.idle.pop(peer, None)
 
     def hand_out_over_many_types(self, peer):
@@ -1109,10 +1112,10 @@ class Broker:
         last_slot = len(peer.held) + 1 >= peer.capacity
         self.assign(job, peer, last_slot)
         if last_slot:
-            for other in peer.kinds:
+            for other in peer.kind_list:
                 other.idle.pop(peer, None)
         else:
-            for other in peer.kinds:
+            for other in peer.kind_list:
                 if peer in other.idle:
                     other.idle.move_to_end(peer)
 

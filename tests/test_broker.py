@@ -387,6 +387,26 @@ def test_a_can_do_beyond_max_types_is_refused_and_changes_nothing():
     assert [kind.name for kind in w.kinds] == ["a", "b", "c"]
 
 
+def test_a_workers_list_of_types_follows_its_can_do_and_cant_do(broker):
+    """The tuple the hot path walks stays the dict's keys, in order, and a
+    job goes to the worker exactly when it can do the job's type now."""
+    rng = random.Random(3)
+    w, wl = worker(broker, types=(), capacity=100)
+    for _ in range(300):
+        names = rng.sample("abcdefgh", rng.randint(0, 3))
+        if rng.random() < 0.6:
+            broker.can_do(w, names)
+        else:
+            broker.cant_do(w, names)
+        assert w.kind_list == tuple(w.kinds)
+    client, _ = peer(broker)
+    for number, name in enumerate("abcdefgh"):
+        broker.submit(client, sub(number, type=name))
+    able = [kind.name for kind in w.kinds]
+    assert 0 < len(able) < 8
+    assert sorted(do["type"] for do in wl.take()) == sorted(able)
+
+
 def test_metrics_count_types_seen(broker):
     client, _ = peer(broker)
     broker.submit(client, sub(1, type="resize"))
