@@ -747,15 +747,16 @@ class Peer:
                  "kinds", "got_results", "deadlines", "held_back", "authed", "name")
 
     def __init__(self, link, name=""):
-        # The connection: link.send(bytes), link.send_now(bytes: sent at
-        # once, nothing else follows this turn) and link.send_many(pieces
-        # of one message) never block; link.close() ends it. (Called
+        # The connection: link.send(bytes), link.send_now(bytes, when nothing
+        # else is expected this turn: sent at once unless a flush is due)
+        # and link.send_many(pieces of one message) never block;
+        # link.close() ends it. (Called
         # through link, not kept as bound methods: fewer objects to touch
         # per job.)
         self.link = link
         self.name = name
         self.kinds = {}             # JobType -> None (ordered: can_do order)
-        self.kind_list = ()         # the same, to walk through: one cache line, not two
+        self.kind_list = ()         # the same, to walk: one object, where a dict is two
         self.capacity = 1
         self.held = {}              # wid -> Job this worker is doing
         self.jobs = {}              # submitter id -> Job not yet answered
