@@ -750,9 +750,8 @@ class Peer:
         # The connection: link.send(bytes), link.send_now(bytes, when nothing
         # else is expected this turn: sent at once unless a flush is due)
         # and link.send_many(pieces of one message) never block;
-        # link.close() ends it. (Called
-        # through link, not kept as bound methods: fewer objects to touch
-        # per job.)
+        # link.close() ends it. (Called through link, not kept as bound
+        # methods: fewer objects to touch per job.)
         self.link = link
         self.name = name
         self.kinds = {}             # JobType -> None (ordered: can_do order)
