@@ -1676,6 +1676,9 @@ class Connection(Peer):
 
     def close(self):
         self.closing = True
+        # It ends anyway: an auth deadline firing meanwhile would add a
+        # second error (a wrong secret's, then the deadline's)
+        self.stop_auth_deadline()
         self.may_read.set()
         if self.watcher is not None:
             self.finish_reading()
@@ -1713,7 +1716,7 @@ class Connection(Peer):
         except Exception:
             log.exception("%s: internal error, closing the connection", self.name)
         finally:
-            self.stop_auth_deadline()
+            self.stop_auth_deadline()       # first: leave_the_broker sleeps
             self.stop_reading_in_hub()
             self.leave_the_broker()
             if self.closing:

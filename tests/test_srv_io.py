@@ -10,8 +10,8 @@ import gevent.socket
 import pytest
 
 from deputy_server import (
-    BIG_PIECE, BIG_READ, WRITE_CHUNK, WRITE_PIECES, Connection, Peer, Server, parse_do,
-    unsent_part)
+    BIG_PIECE, BIG_READ, WRITE_CHUNK, WRITE_PIECES, AuthTimeout, Connection, Peer, Server,
+    parse_do, unsent_part)
 
 
 @pytest.fixture
@@ -332,6 +332,22 @@ def test_the_server_program_collects_young_objects_less_often(monkeypatch):
         assert gc.get_threshold() == (deputy_server.GC_YOUNG_THRESHOLD,) + saved[1:]
     finally:
         gc.set_threshold(*saved)
+
+
+def test_a_connection_refused_before_auth_stops_its_auth_deadline():
+    """A wrong secret ends the connection: its deadline must not fire too
+    and send a second error before the close."""
+    ours, theirs = gevent.socket.socketpair()
+    deadline = gevent.Timeout.start_new(30, AuthTimeout)
+    try:
+        conn = Connection(Server(port=0, secret="right"), ours, ("test", 0), deadline)
+        conn.handle_lines([b'{"cmd":"auth","secret":"wrong"}'])
+        assert conn.closing and not deadline.pending
+        assert b"authentication failed" in b"".join(conn.out)
+    finally:
+        deadline.close()
+        ours.close()
+        theirs.close()
 
 
 def test_lines_kept_from_a_paused_batch_are_dropped_once_the_connection_closes(pair):
