@@ -225,7 +225,7 @@ def run_loadgen(proto, ports, pids, sc, opts):
         argv = [opts.python, os.path.join(HERE, 'loadgen.py'),
                 '--ports', ','.join(map(str, ports))]
     else:
-        argv = [opts.python, os.path.join(SHARED_BENCH, 'loadgen_gearman.py'),
+        argv = [opts.python, os.path.join(HERE, 'gearman_load.py'),     # the reference's
                 '--port', str(ports[0])]
     argv += ['--host', opts.host, '--server-pid', ','.join(str(p) for p in pids),
              '--timeout', str(opts.timeout)]

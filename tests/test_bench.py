@@ -160,12 +160,130 @@ def test_run_measures_each_deputy_scenario_with_every_job_answered(tmp_path):
     assert json.loads(out.read_text())["runs"] == runs       # --report only reads
 
 
-def load_run_module():
-    """bench/run.py as a module (it imports bench/loadgen.py beside it)."""
-    spec = importlib.util.spec_from_file_location("bench_run", os.path.join(BENCH, "run.py"))
+def load_bench_module(name):
+    """A bench/ file as a module (run.py imports loadgen.py beside it)."""
+    spec = importlib.util.spec_from_file_location("bench_" + name, os.path.join(BENCH, name + ".py"))
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, BENCH)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(BENCH)
     return module
+
+
+def read_lines_until(sock, count, timeout=5.0):
+    """count lines from a gevent socket, each read bounded by timeout."""
+    sock.settimeout(timeout)
+    data = b""
+    while data.count(b"\n") < count:
+        chunk = sock.recv(1 << 20)
+        assert chunk, "closed after %r" % data[-200:]
+        data += chunk
+    return data.split(b"\r\n")[:count]
+
+
+def echo_worker_pair(loadgen):
+    """(the server's end of a socketpair, an EchoWorker's greenlet on the other)."""
+    import gevent
+    import gevent.socket
+    ours, theirs = gevent.socket.socketpair()
+    worker = gevent.spawn(loadgen.worker, theirs, "echo", 3)
+    return ours, theirs, worker
+
+
+def test_the_load_generators_worker_answers_lines_cut_anywhere_and_counts_errors():
+    import gevent
+    loadgen = load_bench_module("loadgen")
+    ours, theirs, worker = echo_worker_pair(loadgen)
+    try:
+        assert read_lines_until(ours, 1) == [b'{"cmd":"can_do","types":["echo"],"capacity":3}']
+        stream = (b'{"cmd":"do","id":1,"type":"echo","arg":"a\\u00e9"}\r\n'
+                  b'{"cmd":"error","error":"nope"}\r\n'
+                  b'{"cmd":"do","id":2,"type":"echo","arg":{"x":[1,2]}}\r\n')
+        for cut in range(0, len(stream), 7):      # 7-byte pieces: lines cut anywhere
+            ours.sendall(stream[cut:cut + 7])
+            gevent.sleep(0.001)
+        assert read_lines_until(ours, 2) == [b'{"cmd":"did","id":1,"res":"a\xc3\xa9"}',
+                                             b'{"cmd":"did","id":2,"res":{"x":[1,2]}}']
+        assert loadgen.stats.errors == 1 and "nope" in loadgen.stats.notes[0]
+        ours.close()                        # the server closed: the worker ends
+        worker.join(timeout=5)
+        assert worker.dead and worker.exception is None
+    finally:
+        worker.kill(timeout=5)
+        ours.close()
+        theirs.close()
+
+
+def test_the_load_generators_worker_sends_what_the_kernel_did_not_take_before_reading_on():
+    loadgen = load_bench_module("loadgen")
+    ours, theirs, worker = echo_worker_pair(loadgen)
+    try:
+        read_lines_until(ours, 1)
+        big = "x" * (8 << 20)               # more than a socketpair's buffers hold
+        ours.sendall(b'{"cmd":"do","id":7,"type":"echo","arg":"%s"}\r\n' % big.encode()
+                     + b'{"cmd":"do","id":8,"type":"echo","arg":"after"}\r\n')
+        assert read_lines_until(ours, 2, timeout=10) == [
+            b'{"cmd":"did","id":7,"res":"%s"}' % big.encode(),
+            b'{"cmd":"did","id":8,"res":"after"}']
+    finally:
+        worker.kill(timeout=5)
+        ours.close()
+        theirs.close()
+
+
+GEARMAN_REFERENCE = os.path.join(ROOT, "..", "shared", "bench", "loadgen_gearman.py")
+
+
+@pytest.mark.skipif(not os.path.exists(GEARMAN_REFERENCE),
+                    reason="the reference harness (../shared/bench) is not beside the project")
+def test_the_gearman_load_generators_worker_answers_the_reference_workers_way():
+    import struct
+    import gevent
+    import gevent.socket
+    gearman_load = load_bench_module("gearman_load")
+    ref = gearman_load.ref
+    ours, theirs = gevent.socket.socketpair()
+    worker = gevent.spawn(gearman_load.worker, theirs, b"echo")
+
+    def packet(typ, body=b""):
+        return struct.pack(">4sII", b"\0RES", typ, len(body)) + body
+
+    def expect(*reqs):
+        want = b"".join(reqs)
+        ours.settimeout(5)
+        got = b""
+        while len(got) < len(want):
+            chunk = ours.recv(1 << 16)
+            assert chunk, got
+            got += chunk
+        assert got == want
+
+    try:
+        expect(ref.req(ref.CAN_DO, b"echo"), ref.GRAB)
+        ours.sendall(packet(ref.NO_JOB))
+        expect(ref.SLEEP)
+        assert ref.stats["asleep"] == 1
+        ours.sendall(packet(ref.NOOP))
+        expect(ref.GRAB)
+        assert ref.stats["asleep"] == 0
+        stream = (packet(ref.JOB_ASSIGN_UNIQ, b"H:1\0echo\0c0-1\0pay\0load")
+                  + packet(ref.ERROR, b"boom") + packet(ref.JOB_ASSIGN, b"H:2\0echo\0x"))
+        for cut in range(0, len(stream), 5):      # packets cut anywhere
+            ours.sendall(stream[cut:cut + 5])
+            gevent.sleep(0.001)
+        expect(ref.req(ref.WORK_COMPLETE, b"H:1\0pay\0load"), ref.GRAB,
+               ref.req(ref.WORK_COMPLETE, b"H:2\0x"), ref.GRAB)
+        assert ref.stats["errors"] == 1 and "boom" in ref.stats["notes"][0]
+    finally:
+        worker.kill(timeout=5)
+        ours.close()
+        theirs.close()
+
+
+def load_run_module():
+    return load_bench_module("run")
 
 
 def cpu_run(scenario, server, rep, us, **extra):
