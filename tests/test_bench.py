@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import orjson
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -229,6 +230,47 @@ def test_the_load_generators_worker_sends_what_the_kernel_did_not_take_before_re
             b'{"cmd":"did","id":8,"res":"after"}']
     finally:
         worker.kill(timeout=5)
+        ours.close()
+        theirs.close()
+
+
+def test_the_load_generator_echoes_big_lines_as_decoding_them_would():
+    loadgen = load_bench_module("loadgen")
+    arg = "0123456789abcdef\u00e9\\\"" * 400
+    line = b'{"cmd":"do","id":41,"type":"echo","arg":%s}\r' % orjson.dumps(arg)
+    fast = loadgen.echo_big_do(line)
+    assert fast == b'{"cmd":"did","id":41,"res":%s}\r\n' % orjson.dumps(arg)
+    assert fast[:-2] == orjson.dumps({"cmd": "did", "id": 41, "res": arg})
+    # another layout is decoded instead
+    assert loadgen.echo_big_do(b'{"id":41,"cmd":"do","arg":"x"}') is None
+    assert loadgen.echo_big_do(b'{"cmd":"do","id":"a1","type":"t","arg":"x"}') is None
+    tails = (b',"res":%s}\r' % orjson.dumps(arg), b',"res":%s}' % orjson.dumps(arg))
+    assert loadgen.echoed_id(fast[:-1], tails) == 41
+    assert loadgen.echoed_id(fast[:-1].replace(b"abc", b"abd", 1), tails) is None
+    assert loadgen.echoed_id(b'{"cmd":"did","id":4x1' + tails[0], tails) is None
+
+
+def test_the_load_generators_client_counts_a_big_result_that_differs_as_bad():
+    import gevent
+    import gevent.socket
+    loadgen = load_bench_module("loadgen")
+    arg = "x" * 5000
+    ours, theirs = gevent.socket.socketpair()
+    lat = []
+    client = gevent.spawn(loadgen.client, theirs, 1, 3, 3, arg, ["echo"], lat)
+    try:
+        jobs = read_lines_until(ours, 3)
+        assert [orjson.loads(job)["id"] for job in jobs] == [1, 2, 3]
+        right = orjson.dumps(arg)
+        ours.sendall(b'{"cmd":"did","id":1,"res":%s}\r\n' % right
+                     + b'{"cmd":"did","id":2,"res":%s}\r\n' % right.replace(b"x", b"y", 1)
+                     + b'{"res":%s,"cmd":"did","id":3}\r\n' % right)    # same value, other layout
+        client.join(timeout=5)
+        assert client.dead and client.exception is None
+        assert len(lat) == 3
+        assert loadgen.stats.bad == 1 and loadgen.stats.unknown == 0
+    finally:
+        client.kill(timeout=5)
         ours.close()
         theirs.close()
 
