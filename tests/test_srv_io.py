@@ -277,6 +277,78 @@ def test_the_job_that_fills_a_workers_last_slot_waits_for_a_flush_that_is_due(pa
     assert read_exactly(theirs, len(want)) == want
 
 
+def test_a_last_slot_job_the_kernel_takes_part_of_arrives_whole_before_what_follows(pair):
+    """send_now's straight send, taken in part: the rest goes to the writer
+    greenlet, and a message queued after it arrives after it."""
+    conn, theirs = pair
+    submitter = idle_worker(conn, 1)
+    conn.raw = RawSpy(conn.raw)
+    real_send = conn.raw.send
+    conn.raw.send = lambda data: real_send(memoryview(data)[:5])
+    submit(conn.broker, submitter, 7)
+    assert conn.writer_owns_socket and conn.out_bytes == sum(map(len, conn.out)) > 0
+    conn.raw.send = real_send
+    conn.send(b'{"cmd":"error","error":"x"}\r\n')
+    want = b'{"cmd":"do","id":1,"type":"t","arg":7}\r\n{"cmd":"error","error":"x"}\r\n'
+    assert read_exactly(theirs, len(want)) == want
+    with gevent.Timeout(5):
+        while conn.writer_owns_socket:
+            gevent.sleep(0.01)
+    assert conn.out == [] and conn.out_bytes == 0
+
+
+def test_a_last_slot_job_the_kernel_refuses_waits_for_the_writer(pair):
+    conn, theirs = pair
+    submitter = idle_worker(conn, 1)
+    conn.raw = RawSpy(conn.raw)
+
+    def full(data):
+        raise BlockingIOError
+    conn.raw.send = full
+    submit(conn.broker, submitter, 7)
+    want = b'{"cmd":"do","id":1,"type":"t","arg":7}\r\n'
+    assert conn.out == [want] and conn.out_bytes == len(want) and conn.writer_owns_socket
+    assert read_exactly(theirs, len(want)) == want      # the writer sends it with sendall
+
+
+def test_a_last_slot_job_for_a_worker_gone_for_writing_ends_the_connection(pair):
+    conn, theirs = pair
+    submitter = idle_worker(conn, 1)
+    conn.raw = RawSpy(conn.raw)
+
+    def reset(data):
+        raise ConnectionResetError
+    conn.raw.send = reset
+    submit(conn.broker, submitter, 7)
+    assert conn.closing and conn.out == [] and conn.out_bytes == 0
+
+
+def test_a_last_slot_job_goes_after_what_the_writer_still_has(pair):
+    conn, theirs = pair
+    submitter = idle_worker(conn, 1)
+    conn.out.append(b"earlier\r\n")
+    conn.out_bytes = len(b"earlier\r\n")
+    conn.writer_owns_socket = True          # as if a partial send was being finished
+    submit(conn.broker, submitter, 7)
+    assert conn.out == [b"earlier\r\n", b'{"cmd":"do","id":1,"type":"t","arg":7}\r\n']
+    conn.hand_to_writer()
+    want = b'earlier\r\n{"cmd":"do","id":1,"type":"t","arg":7}\r\n'
+    assert read_exactly(theirs, len(want)) == want
+
+
+def test_nothing_is_sent_to_a_connection_found_broken(pair):
+    """broken() leaves the writer owning the socket with nothing queued:
+    neither flush() nor send_now's straight send may touch the socket."""
+    conn, theirs = pair
+    conn.raw = RawSpy(conn.raw)
+    calls = []
+    conn.raw.send = conn.raw.sendmsg = lambda data: calls.append(data) or len(data)
+    conn.broken()
+    conn.send_now(b'{"cmd":"do","id":1,"type":"t","arg":7}\r\n')
+    conn.flush()
+    assert calls == []
+
+
 def test_a_backlog_bigger_than_the_socket_buffer_arrives_whole_and_in_order(pair):
     """Partial sends, the writer greenlet, sendmsg and joined sends together:
     every byte arrives once, in order."""
