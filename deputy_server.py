@@ -200,13 +200,23 @@ def decode_line(line):
     try:
         msg = loads(line)
     except JSONDecodeError as exc:
-        raise ProtocolError("invalid JSON or a number Deputy cannot carry exactly: %s" % exc)
+        raise ProtocolError(why_invalid(line, exc))
     if type(msg) is not dict:
         raise ProtocolError("a message must be a JSON object")
     cmd = msg.get("cmd")
     if type(cmd) is not str:
         raise ProtocolError('a message needs a string "cmd"', msg.get("id", NO_ID))
     return cmd, msg
+
+
+def why_invalid(line, exc):
+    """The error text of a line orjson refused. Bad UTF-8 is said so, with
+    where it is: orjson's own text speaks of surrogates whatever the byte."""
+    try:
+        bytes(line).decode("utf-8")
+    except UnicodeDecodeError as bad:
+        return "invalid UTF-8 at byte offset %d of the line" % bad.start
+    return "invalid JSON or a number Deputy cannot carry exactly: %s" % exc
 
 
 ECHO_DIGITS = 40            # the longest integer id an error echoes: int() of huge literals is slow
@@ -236,12 +246,12 @@ SALVAGE_DECODER = json.JSONDecoder(parse_int=_small_int, parse_float=_finite_flo
 
 def salvage_id(line):
     """The id a refused line had, exactly as sent, when orjson could not
-    give it: the line is invalid (trailing garbage, NaN, a number orjson
-    refuses), or the id is an integer beyond 64 bits (orjson reads a float).
-    First where clients put it, before any nesting, found by a regex; else,
-    in a line of at most SALVAGE_LIMIT bytes, by the standard library's
-    parser, which keeps integers exact and reads the first value of a line
-    with more after it, but is slow. Only on the error path."""
+    give it: the line is invalid (trailing garbage, NaN, a bad literal or
+    escape, cut short), or the id is an integer beyond 64 bits (orjson
+    reads a float). First where clients put it, before any nesting, found
+    by a regex; else, in a line of at most SALVAGE_LIMIT bytes, by walking
+    the object's members up to "id" (id_among_members). Only on the error
+    path."""
     found = LEADING_ID.match(line)
     if found:
         try:
@@ -250,16 +260,83 @@ def salvage_id(line):
             return NO_ID                            # a string id that is not UTF-8
     if len(line) > SALVAGE_LIMIT:
         return NO_ID
-    try:
-        text = bytes(line).decode("utf-8", "surrogateescape")   # the id may still be fine
-        msg = SALVAGE_DECODER.raw_decode(text.lstrip(" \t\r\n"))[0]
-    except (ValueError, RecursionError):
-        return NO_ID
-    if type(msg) is not dict:
-        return NO_ID
-    id = msg.get("id", NO_ID)
+    text = bytes(line).decode("utf-8", "surrogateescape")   # the id may still be fine
+    id = id_among_members(text)
     return NO_ID if id is UNECHOABLE else id       # (one nested deeper is dropped by
                                                     # encode_error, which cannot encode it)
+
+
+SKIP_SPACE = re.compile(r"[ \t\r\n]*")
+JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)     # unrolled: no backtracking
+JSON_SCALAR = re.compile(r"[^\s,:\[\]{}\"]+")      # a number or literal, valid or not
+STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.S)
+SALVAGE_DEPTH = 1024        # deeper than any parser reads: walked no further
+
+
+def id_among_members(text):
+    """The value of the top-level object's first "id" member, read by the
+    standard library's parser; NO_ID when the members before it, or the
+    id itself, cannot be read. What comes after the id is not looked at,
+    and the values before it are skipped, not checked: so an error
+    anywhere else in the line (a bad literal, a bad escape, a trailing
+    comma, the line cut short) still gets the id back."""
+    pos = SKIP_SPACE.match(text).end()
+    if not text.startswith("{", pos):
+        return NO_ID
+    pos += 1
+    while True:
+        key = JSON_STRING.match(text, SKIP_SPACE.match(text, pos).end())
+        if key is None:
+            return NO_ID
+        pos = SKIP_SPACE.match(text, key.end()).end()
+        if not text.startswith(":", pos):
+            return NO_ID
+        start = SKIP_SPACE.match(text, pos + 1).end()
+        end = json_value_end(text, start)
+        if end is None:
+            return NO_ID
+        if json_key_is_id(key.group()):
+            try:
+                return SALVAGE_DECODER.decode(text[start:end])
+            except (ValueError, RecursionError):
+                return NO_ID
+        pos = SKIP_SPACE.match(text, end).end()
+        if not text.startswith(",", pos):
+            return NO_ID
+        pos += 1
+
+
+def json_key_is_id(key):
+    if key == '"id"':
+        return True
+    try:
+        return "\\" in key and json.loads(key) == "id"       # spelt with escapes
+    except ValueError:
+        return False
+
+
+def json_value_end(text, start):
+    """Where the value starting at start ends, skipped without checking it
+    beyond strings and brackets; None when it does not end."""
+    first = text[start:start + 1]
+    if first == '"':
+        found = JSON_STRING.match(text, start)
+        return found.end() if found else None
+    if first not in ("[", "{"):
+        found = JSON_SCALAR.match(text, start)
+        return found.end() if found else None
+    depth = 0
+    for token in STRING_OR_BRACKET.finditer(text, start):
+        bracket = token.group()
+        if bracket in ("[", "{"):
+            depth += 1
+            if depth > SALVAGE_DEPTH:
+                return None
+        elif bracket in ("]", "}"):
+            depth -= 1
+            if depth == 0:
+                return token.end()
+    return None
 
 
 def suspicious_float(number):
@@ -787,6 +864,18 @@ class Counters:
         self.jobs_cancelled = 0
         self.jobs_released = 0
         self.jobs_background = 0
+
+
+def lost_worker_failure(attempts):
+    """The err of a job whose every attempt was lost with its worker."""
+    return "job failed: its worker was lost %s" % (
+        "once" if attempts == 1 else "%d times" % attempts)
+
+
+def ttr_failure(attempts):
+    """The err of a job whose last lost attempt ran past its ttr."""
+    return "job failed: %d attempt%s lost, the last by running past its ttr" % (
+        attempts, "s" if attempts > 1 else "")
 
 
 class Broker:
@@ -1386,16 +1475,16 @@ class Broker:
         for kind in kinds:
             self.kick(kind)
 
-    def lost_attempt(self, job, failure="job failed: its worker was lost %d times"):
+    def lost_attempt(self, job, failure=lost_worker_failure):
         """Count a lost hand-out; requeue the job (True) or fail it with
-        failure % attempts, which says how the last attempt was lost."""
+        failure(attempts), which says how the last attempt was lost."""
         if not job.wanted():        # nobody waits for it: no point redoing it
             job.state = FINISHED
             self.forget(job)
             return False
         job.attempts += 1
         if job.attempts >= self.max_attempts:
-            self.fail(job, failure % job.attempts)
+            self.fail(job, failure(job.attempts))
             return False
         self.counters.jobs_reassigned += 1
         self.requeue_front(job)
@@ -1418,7 +1507,7 @@ class Broker:
             return
         self.take_back(job)
         worker.link.send(encode_cancel(wid))
-        if self.lost_attempt(job, "job failed: %d attempts lost, the last by running past its ttr"):
+        if self.lost_attempt(job, ttr_failure):
             self.kick(job.kind)
         self.worker_ready(worker)
 

@@ -165,6 +165,21 @@ def test_a_job_lost_max_attempts_times_fails(broker):
     assert broker.metrics()["jobs_queued"] == 0 and broker.metrics()["jobs_failed"] == 1
 
 
+def test_the_failure_text_counts_lost_attempts_in_words():
+    """With --max-attempts 1 the err reads "once", not "1 times"."""
+    broker = Broker(max_attempts=1, default_ttr=0.01)
+    client, cl = peer(broker)
+    broker.submit(client, sub("lost"))
+    w, wl = worker(broker)
+    assert len(wl.take()) == 1
+    broker.disconnect(w)
+    assert cl.take()[0]["err"] == "job failed: its worker was lost once"
+    w, wl = worker(broker)
+    broker.submit(client, sub("late"))
+    wait_for(lambda: cl.sent)               # past the default ttr of 10 ms
+    assert cl.take()[0]["err"] == "job failed: 1 attempt lost, the last by running past its ttr"
+
+
 def test_lost_submitter_queued_jobs_are_dropped_and_results_discarded(broker):
     client, cl = peer(broker)
     w, wl = worker(broker)

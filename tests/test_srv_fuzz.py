@@ -500,3 +500,49 @@ def test_split_lines_with_the_first_end_given_splits_as_bytes_split(lines, rest,
     want_rest = want.pop()
     got, got_rest = split_lines(data, 0, data.find(b"\n"))
     assert got == want and bytes(got_rest) == want_rest
+
+
+# -- salvage_id: the id of a line orjson refused ------------------------------
+
+echoable_ids = st.integers(-10 ** 40 + 1, 10 ** 40 - 1) | st.text(max_size=10) | json_values
+corruptions = st.sampled_from([b',"x":tru}', b',}', b'', b',"a":"\\q"}', b',"a":"\x01"}',
+                               b'} trailing', b',"arg":NaN}', b'{'])
+
+
+@settings(max_examples=300, deadline=None)
+@given(members, echoable_ids, corruptions, st.booleans())
+def test_an_id_comes_back_from_a_line_spoilt_after_it(before, id, corruption, spaced):
+    """Whatever comes before the id, nested or not, and whatever spoils
+    the line after it, salvage_id gives the id as sent (SPEC 1: an error
+    carries the refused message's id)."""
+    sep = b" , " if spaced else b","
+    parts = [b'"cmd":"do"'] + [b'"%s":%s' % (k.encode(), orjson.dumps(v)) for k, v in before
+                               if k != "id"]
+    parts.append(b'"id" : ' + (str(id).encode() if type(id) is int else orjson.dumps(id)))
+    line = b"{" + sep.join(parts) + corruption
+    assert deputy_server.salvage_id(line) == id
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300) | st.text(alphabet='{}[]":,\\ id0x', max_size=60).map(str.encode))
+def test_salvage_id_takes_any_line(line):
+    """An error path that raised would end the connection: whatever the
+    bytes, an id or NO_ID, and an id only from an object's "id" member."""
+    got = deputy_server.salvage_id(line)
+    assert got is deputy_server.NO_ID or b"id" in line or b"\\u" in line
+
+
+@pytest.mark.parametrize("line", [
+    b'{"a":' + b"[" * 2000 + b"]" * 2000 + b',"id":5}',      # deeper than any parser reads
+    b'{"a":[1,[2],"id":5',                                  # the nested value never ends
+    b'{"a":["never ends,"id":5}',
+    b'{"a":[1] "id":5}',                                    # no comma before the id
+    b'{"a":[1],"id" 5}',
+    b'{"a":[1],5:6,"id":5}',                                # a key that is not a string
+    b'[{"id":5}]',                                          # not an object
+    b'{"a":[1],"b":{"id":5}}',                              # an id one level down is not its id
+    b'{"a":[1],"id":}',
+    b'{"a":[1],"id":tru,"type":"x"}',
+])
+def test_salvage_id_gives_up_rather_than_guess(line):
+    assert deputy_server.salvage_id(line) is deputy_server.NO_ID

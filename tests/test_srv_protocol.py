@@ -786,7 +786,26 @@ REFUSED_WITH_AN_ID = [
     (b'  {"cmd":"do","id":"nan","type":"x","arg":NaN}', "nan"),
     (b'{"cmd":"do","id":"utf","type":"x","arg":"\xff"}', "utf"),
     (b'{"cmd":"do","id":null,"type":"x"}', None),
+    # After a nested value, with the error after the id: found by walking the members
+    (b'{"cmd":"do","arg":[1,{"a":"]}"}],"id":8,"x":tru}', 8),
+    (b'{"cmd":"do","arg":[1],"id":"tc","type":"x",}', "tc"),
+    (b'{"cmd":"do","arg":{"b":[]},"id":9,"type":"x"', 9),
+    (b'{"cmd":"do","arg":[1],"id":[2,"x"],"type":"x","arg":"\\q"}', [2, "x"]),
+    (b'{"cmd":"do","arg":[1],"id":10,"type":"x","a":"\x01"}', 10),
+    (b'{"cmd":"do","arg":[1],"\\u0069d":"esc","x":tru}', "esc"),
 ]
+
+
+@pytest.mark.parametrize("raw,where", [
+    (b'{"cmd":"do","id":4,"type":"t","arg":"\xff"}', 37),
+    (b'{"cmd":"do","id":4,"type":"t","arg":"\xe2\x82"}', 37),
+    (b'{"cmd":"do","id":4,"type":"t","arg":"\xed\xa0\x80"}', 37),     # a surrogate, encoded
+])
+def test_invalid_utf8_is_named_with_where_it_is(conn, shared, raw, where):
+    c = conn()
+    c.send_raw(raw + b"\r\n")
+    assert expect_error(c, id=4)["error"] == "invalid UTF-8 at byte offset %d of the line" % where
+    still_usable(c, shared)
 
 
 def test_a_long_invalid_line_keeps_its_leading_id_and_costs_no_slow_parse(conn, shared):
@@ -805,7 +824,9 @@ def test_a_long_invalid_line_keeps_its_leading_id_and_costs_no_slow_parse(conn, 
 
 @pytest.mark.parametrize("raw,eid", REFUSED_WITH_AN_ID, ids=[
     "can_do-types", "can_do-capacity", "list-id", "cant_do", "auth", "progress", "trailing-garbage",
-    "two-values", "NaN", "invalid-utf8", "null-id"])
+    "two-values", "NaN", "invalid-utf8", "null-id", "nested-then-bad-literal",
+    "nested-then-trailing-comma", "nested-then-cut-short", "nested-then-bad-escape",
+    "nested-then-control-character", "escaped-key"])
 def test_every_refusal_of_a_message_with_an_id_carries_it(conn, shared, raw, eid):
     """SPEC 1: an error carries "id" when the refused message had one, for
     any command and whatever was wrong, invalid JSON after the id included."""
@@ -1025,8 +1046,13 @@ def test_a_big_string_with_a_flaw_is_refused_with_its_id_and_harms_nothing(conn,
     try:
         for at in (0, 40000, 65536):
             body = b"x" * at + flaw + b"y" * (65536 - at)
-            c.send_raw(b'{"cmd":"do","id":"flawed-%d","type":%b,"arg":"%b"}\n' % (at, orjson.dumps(t), body))
-            assert "invalid JSON" in expect_error(c, id="flawed-%d" % at)["error"]
+            line = b'{"cmd":"do","id":"flawed-%d","type":%b,"arg":"%b"}\n' % (at, orjson.dumps(t), body)
+            c.send_raw(line)
+            why = expect_error(c, id="flawed-%d" % at)["error"]
+            if flaw in (b"\xff", b"\xed\xa0\x80"):
+                assert why == "invalid UTF-8 at byte offset %d of the line" % line.index(flaw)
+            else:
+                assert "invalid JSON" in why
         c.send_raw(b'{"cmd":"do","id":"sound","type":%b,"arg":"%b"}\n' % (orjson.dumps(t), b"z" * 65536))
         job = w.expect("do")
         assert job["arg"] == "z" * 65536
