@@ -325,6 +325,7 @@ class Connection:
         self.connected = False     # a socket is open (after auth)
         self.live = False          # connected and taking jobs (not draining)
         self.throttled = False     # told the server we can do nothing for now
+        self.offered = 0           # the capacity last told the server (several servers)
         self.tried = False         # the first connection attempt has ended, well or not
         self.last_error = None
         self.fatal = None          # an error retrying cannot fix (auth, certificate)
@@ -522,6 +523,7 @@ class Connection:
 
     def _end_session(self, sock):
         self.connected = self.live = self.throttled = False
+        self.offered = 0
         self._sock = None
         if self._writer is not None:
             self._writer.kill(block=False)
@@ -686,6 +688,7 @@ class Connection:
     def say_can_do(self, types, capacity):
         if types and not self.throttled:
             self.send(message_line({"cmd": "can_do", "types": types, "capacity": capacity}))
+            self.offered = capacity
 
     def begin_close(self):
         """The writer writes what is buffered, then ends."""
@@ -955,9 +958,10 @@ class Worker:
     slots are kept and reused, since making a greenlet costs more than a
     small job, and one whose handler returned runs the next job waiting
     to start itself, since even a switch through the hub costs a good
-    part of a small job. With several servers, each is told the whole
-    capacity; when the worker is full they are told `cant_do` until a slot
-    frees, and a job that arrives anyway is given back with `release`."""
+    part of a small job. With several servers, each is offered what it
+    holds plus the slots free in all (see _offer); when the worker is full
+    they are told `cant_do` until a slot frees, and a job that arrives
+    anyway is given back with `release`."""
 
     def __init__(self, client, shared):
         self.client = client
@@ -982,8 +986,10 @@ class Worker:
         if capacity is not None:
             self.capacity = capacity
         self.handlers.update(handlers)
+        types = list(self.handlers)
         for conn in self.client.connections:
-            conn.say_can_do(list(self.handlers), self.capacity)
+            if self._free() > 0:
+                conn.say_can_do(types, self._offer(conn))
         self._adjust_throttle()
 
     def remove(self, types):
@@ -994,9 +1000,9 @@ class Worker:
 
     def connection_up(self, conn):
         if self.handlers:
-            if self.held >= self.capacity and self.shared:
-                conn.throttled = True
-            conn.say_can_do(list(self.handlers), self.capacity)
+            if self._free() <= 0:
+                conn.throttled = True       # told when a slot frees
+            conn.say_can_do(list(self.handlers), self._offer(conn))
 
     # -- jobs arriving and leaving ------------------------------------------
 
@@ -1013,6 +1019,8 @@ class Worker:
         self.held += 1
         if self.held >= self.capacity:
             self._adjust_throttle()
+        elif self.shared and len(conn.held) >= conn.offered:
+            conn.say_can_do(list(self.handlers), self._offer(conn))   # it may have more
         self.ready.append(task)
         self._schedule_dispatch()
 
@@ -1160,6 +1168,21 @@ class Worker:
 
     # -- sharing capacity over several servers ------------------------------
 
+    def _free(self):
+        """Slots free in all; 1 or more with one server (it is never throttled)."""
+        return self.capacity - self.held if self.shared else self.capacity
+
+    def _offer(self, conn):
+        """The capacity to tell conn's server. With one server, the whole
+        capacity. With several, what it holds plus what is free in all, so
+        that no server is offered more than the free slots (when each was
+        told the whole capacity, one that held few jobs when a slot freed
+        could send nearly that many at once, all but one to be given back:
+        1,600 releases for 900 jobs with capacity 32 on three servers,
+        against 540). A server that fills its offer while slots are free
+        elsewhere is offered more at once (take)."""
+        return len(conn.held) + self._free() if self.shared else self.capacity
+
     def _adjust_throttle(self):
         if not self.shared or not self.handlers:
             return
@@ -1171,7 +1194,7 @@ class Worker:
         else:
             for conn in connections:
                 if conn.throttled:
-                    conn.unthrottle(types, self.capacity)
+                    conn.unthrottle(types, self._offer(conn))
 
 
 # ---------------------------------------------------------------------------

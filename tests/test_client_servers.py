@@ -196,6 +196,77 @@ def test_a_full_worker_tells_every_server_cant_do_until_a_slot_frees(three_serve
     wait_until(lambda: workers_per_server() == [1, 1, 1], what="can_do again")
 
 
+def type_figure(server, job_type, name):
+    types = server_figure(server, "types")
+    return types.get(job_type, {}).get(name, 0)
+
+
+def test_a_slot_freed_after_a_full_spell_is_offered_not_the_whole_capacity(
+        three_servers, clients):
+    """Full with four jobs from one server, a slot frees: each server is
+    offered what it holds plus that one slot, so the other server, with
+    twenty jobs queued, hands out one, not four of which three go back."""
+    t = job_type()
+    one, other = three_servers[:2]
+    gates = {}
+
+    def gated(arg):
+        gate = gates[arg] = gevent.event.Event()
+        gate.wait(WAIT)
+        return arg
+    worker = all_live(clients(addresses([one, other])))
+    worker.can_do({t: gated}, capacity=4)
+    firsts = [all_live(clients(one.address)).do(t, "one-%d" % n) for n in range(4)]
+    wait_until(lambda: len(gates) == 4, what="four jobs in hand")
+    wait_until(lambda: type_figure(other, t, "workers") == 0, what="cant_do while full")
+    seconds = [all_live(clients(other.address)).do(t, "other-%d" % n) for n in range(20)]
+    wait_until(lambda: type_figure(other, t, "queued") == 20, what="twenty queued")
+    gates["one-0"].set()
+    assert firsts[0].get(WAIT) == "one-0"
+    wait_until(lambda: len(gates) == 5, what="the free slot taken")
+    gevent.sleep(0.2)
+    assert server_figure(other, "jobs_released") == 0
+    assert type_figure(other, t, "running") == 1 and type_figure(other, t, "queued") == 19
+    for gate in list(gates.values()):
+        gate.set()
+    for job in firsts + seconds:
+        job.cancel()
+
+
+def test_a_server_that_uses_up_a_small_offer_is_offered_the_free_slots(
+        three_servers, clients):
+    """After a full spell the other server was offered one slot; once every
+    slot is free again, its first job brings it an offer of the rest, so
+    the worker runs four of its jobs at once, not one at a time."""
+    t = job_type()
+    one, other = three_servers[:2]
+    gates = {}
+
+    def gated(arg):
+        gate = gates[arg] = gevent.event.Event()
+        gate.wait(WAIT)
+        return arg
+    worker = all_live(clients(addresses([one, other])))
+    worker.can_do({t: gated}, capacity=4)
+    firsts = [all_live(clients(one.address)).do(t, "one-%d" % n) for n in range(4)]
+    wait_until(lambda: len(gates) == 4, what="four jobs in hand")
+    wait_until(lambda: type_figure(other, t, "workers") == 0, what="cant_do while full")
+    for n, job in enumerate(firsts):
+        gates["one-%d" % n].set()
+        assert job.get(WAIT) == "one-%d" % n
+    wait_until(lambda: type_figure(other, t, "idle") == 1, what="an offer after the full spell")
+    seconds = [all_live(clients(other.address)).do(t, "other-%d" % n) for n in range(6)]
+    wait_until(lambda: sum(name.startswith("other") for name in gates) == 4,
+               what="four of the other server's jobs at once")
+    gevent.sleep(0.2)
+    assert sum(name.startswith("other") for name in gates) == 4
+    assert server_figure(other, "jobs_released") == 0
+    for job in seconds:
+        job.cancel()
+    for gate in list(gates.values()):
+        gate.set()
+
+
 def test_a_worker_that_lowers_its_capacity_below_what_it_holds_is_offered_nothing(
         three_servers, clients):
     """Full after lowering its capacity, with a job finishing: no server
