@@ -201,13 +201,10 @@ def type_figure(server, job_type, name):
     return types.get(job_type, {}).get(name, 0)
 
 
-def test_a_slot_freed_after_a_full_spell_is_offered_not_the_whole_capacity(
-        three_servers, clients):
-    """Full with four jobs from one server, a slot frees: each server is
-    offered what it holds plus that one slot, so the other server, with
-    twenty jobs queued, hands out one, not four of which three go back."""
-    t = job_type()
-    one, other = three_servers[:2]
+def full_of_one_servers_jobs(clients, one, other, t):
+    """A worker of capacity 4 on servers one and other, holding four jobs
+    of one's, each waiting for its gate (gates: by arg, as each starts),
+    and told other cant_do. -> (gates, the four jobs)."""
     gates = {}
 
     def gated(arg):
@@ -219,6 +216,17 @@ def test_a_slot_freed_after_a_full_spell_is_offered_not_the_whole_capacity(
     firsts = [all_live(clients(one.address)).do(t, "one-%d" % n) for n in range(4)]
     wait_until(lambda: len(gates) == 4, what="four jobs in hand")
     wait_until(lambda: type_figure(other, t, "workers") == 0, what="cant_do while full")
+    return gates, firsts
+
+
+def test_a_slot_freed_after_a_full_spell_is_offered_not_the_whole_capacity(
+        three_servers, clients):
+    """Full with four jobs from one server, a slot frees: each server is
+    offered what it holds plus that one slot, so the other server, with
+    twenty jobs queued, hands out one, not four of which three go back."""
+    t = job_type()
+    one, other = three_servers[:2]
+    gates, firsts = full_of_one_servers_jobs(clients, one, other, t)
     seconds = [all_live(clients(other.address)).do(t, "other-%d" % n) for n in range(20)]
     wait_until(lambda: type_figure(other, t, "queued") == 20, what="twenty queued")
     gates["one-0"].set()
@@ -240,17 +248,7 @@ def test_a_server_that_uses_up_a_small_offer_is_offered_the_free_slots(
     the worker runs four of its jobs at once, not one at a time."""
     t = job_type()
     one, other = three_servers[:2]
-    gates = {}
-
-    def gated(arg):
-        gate = gates[arg] = gevent.event.Event()
-        gate.wait(WAIT)
-        return arg
-    worker = all_live(clients(addresses([one, other])))
-    worker.can_do({t: gated}, capacity=4)
-    firsts = [all_live(clients(one.address)).do(t, "one-%d" % n) for n in range(4)]
-    wait_until(lambda: len(gates) == 4, what="four jobs in hand")
-    wait_until(lambda: type_figure(other, t, "workers") == 0, what="cant_do while full")
+    gates, firsts = full_of_one_servers_jobs(clients, one, other, t)
     for n, job in enumerate(firsts):
         gates["one-%d" % n].set()
         assert job.get(WAIT) == "one-%d" % n
