@@ -461,7 +461,8 @@ class Connection:
         first = self.last_error is None
         self.last_error = error
         level = logging.WARNING if first else logging.DEBUG
-        log.log(level, "cannot connect to %s: %s; retrying", self.label, describe(error))
+        log.log(level, "cannot connect to %s: %s; retrying", self.label, describe(error),
+                extra={"deputy_retrying": True})
         self._unreachable_for_metrics()
         self._first_attempt_over()
 
@@ -1689,8 +1690,12 @@ def main(argv=None):
     hub.NOT_ERROR = tuple(hub.NOT_ERROR) + (KeyboardInterrupt,)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("deputy-client: %(message)s"))
-    # An error that ends the command is printed once, when it does.
+    # An error that ends the command is printed once, when it does; and a
+    # command that ends when no server answers says so in that error, so
+    # "retrying" would be news only to `work` and `status --watch`.
     handler.addFilter(lambda record: not getattr(record, "deputy_fatal", False))
+    if not (args["work"] or args["--watch"]):
+        handler.addFilter(lambda record: not getattr(record, "deputy_retrying", False))
     logging.basicConfig(level=logging.WARNING, handlers=[handler])
     try:
         client = Client(args["--address"], secret=cli_secret(args), tls=cli_tls(args))
@@ -1742,7 +1747,10 @@ def cli_tls(args):
     return args["--tls-ca"] or bool(args["--tls"]) or None
 
 
-def cli_number(args, option, kind=float, minimum=None, positive=False):
+def cli_number(args, option, kind=float, minimum=None, positive=False, check=None):
+    """An option's number; check: the library's own check of the value, so
+    that whatever it would refuse (a priority beyond 64 bits, say) is a
+    usage error too, found before anything is sent."""
     text = args[option]
     if text is None:
         return None
@@ -1750,10 +1758,25 @@ def cli_number(args, option, kind=float, minimum=None, positive=False):
         value = kind(text)
     except ValueError:
         raise UsageError("%s must be a number, got %r" % (option, text)) from None
+    if kind is float and not math.isfinite(value):
+        raise UsageError("%s must be a finite number, got %r" % (option, text))
     if (minimum is not None and value < minimum) or (positive and not value > 0):
         raise UsageError("%s must be %s, got %r" % (
             option, "positive" if positive else "at least %s" % minimum, text))
+    if check is not None:
+        try:
+            check(value)
+        except DeputyError as error:
+            raise UsageError("%s: %s" % (option, error)) from None
     return value
+
+
+def cli_type(args):
+    try:
+        check_type_name(args["TYPE"])
+    except DeputyError as error:
+        raise UsageError("TYPE: %s" % error) from None
+    return args["TYPE"]
 
 
 def parse_cli_arg(text, where="ARG"):
@@ -1786,8 +1809,9 @@ def print_json(value, pretty=False):
 
 def command_do(client, args):
     timeout = cli_number(args, "--timeout", positive=True)
-    job = client.do(args["TYPE"], parse_cli_arg(args["ARG"]),
-                    priority=cli_number(args, "--priority", int), bg=args["--bg"],
+    job = client.do(cli_type(args), parse_cli_arg(args["ARG"]),
+                    priority=cli_number(args, "--priority", int, check=check_priority),
+                    bg=args["--bg"],
                     unique=args["--unique"], ttr=cli_number(args, "--ttr", positive=True),
                     timeout=timeout)
     if timeout is None:                 # (else the timeout bounds the wait)
@@ -1796,7 +1820,9 @@ def command_do(client, args):
         result = job.get(timeout)
     except Timeout:
         job.cancel()
-        return fail("timeout", 1)
+        if any(conn.connected for conn in client.connections):
+            return fail("timeout", 1)
+        return fail("timeout: no server reached%s" % client._why_down(), 1)
     except JobFailed as error:
         return fail(error.error, 1)
     if not args["--bg"]:
@@ -1829,7 +1855,8 @@ def wait_for_a_server(client, jobs, timeout=CONNECT_TIMEOUT):
 
 
 def command_map(client, args):
-    jobs = [client.do(args["TYPE"], parse_cli_arg(line, "line %d" % number))
+    job_type = cli_type(args)
+    jobs = [client.do(job_type, parse_cli_arg(line, "line %d" % number))
             for number, line in read_arg_lines(args["FILE"])]
     wait_for_a_server(client, jobs)
     show_progress = sys.stderr.isatty()
@@ -1946,8 +1973,8 @@ def format_table(header, rows):
 
 
 def command_work(client, args):
-    capacity = cli_number(args, "--capacity", int, 1)
-    client.can_do({args["TYPE"]: command_handler(args["COMMAND"])}, capacity=capacity)
+    capacity = cli_number(args, "--capacity", int, 1, check=check_capacity)
+    client.can_do({cli_type(args): command_handler(args["COMMAND"])}, capacity=capacity)
     gevent.signal_handler(signal.SIGTERM, client.close)
     try:
         client.work()
