@@ -32,6 +32,7 @@ and does not import deputy_server.
 """
 import bisect
 import collections
+import collections.abc
 import hashlib
 import itertools
 import json
@@ -811,9 +812,7 @@ class Job:
 
     def get(self, timeout=None):
         if self._state == PENDING:
-            if timeout is not None and (timeout != timeout or timeout is True or timeout is False):
-                raise DeputyError("timeout must be a number of seconds or None, not %r"
-                                  % (timeout,))
+            check_wait(timeout)
             if self._event is None:
                 self._event = gevent.event.Event()
             if not self._event.wait(timeout):
@@ -1334,6 +1333,7 @@ class Client:
     def call(self, type, arg=None, timeout=None, **options):
         """Submit a job and wait for its result. When `timeout` runs out the
         job is cancelled and Timeout raised."""
+        check_wait(timeout)             # before the job is sent
         job = self.do(type, arg, **options)
         try:
             return job.get(timeout)
@@ -1345,6 +1345,7 @@ class Client:
         """Submit one job per arg (pipelined); return the results in order.
         Raises the first failure in order; `timeout` bounds the whole call
         (unfinished jobs are then cancelled)."""
+        check_wait(timeout)             # before any job is sent
         jobs = [self.do(type, arg, **options) for arg in args]
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
@@ -1445,6 +1446,8 @@ class Client:
         once (default 1), each in its own greenlet. Also a decorator:
         `@client.can_do("resize", capacity=4)`, or bare `@client.can_do`
         (the function's name is the type)."""
+        if self.closed:
+            raise ClientClosed("client is closed")
         if isinstance(handlers, str):
             job_type = handlers
             check_capacity(capacity)
@@ -1457,12 +1460,10 @@ class Client:
         if callable(handlers) and not isinstance(handlers, dict):
             self.worker.add({handlers.__name__: handlers}, capacity)
             return handlers
-        try:
-            handlers = dict(handlers)
-        except (TypeError, ValueError):     # a list of names, say
+        if not isinstance(handlers, collections.abc.Mapping):    # a list of names, say
             raise TypeError("can_do takes {type name: handler}, a type name or a function, "
-                            "not %r" % (handlers,)) from None
-        self.worker.add(handlers, capacity)
+                            "not %r" % (handlers,))
+        self.worker.add(dict(handlers), capacity)
         return None
 
     def cant_do(self, *types):
@@ -1485,6 +1486,8 @@ class Client:
     def metrics(self, timeout=METRICS_TIMEOUT):
         """The server's metrics dict. With several servers: their sum, and
         under "servers" each server's own (None for one that did not answer)."""
+        if self.closed:
+            raise ClientClosed("client is closed")      # no server would ever answer
         if self._fatal is not None:
             raise self._fatal
         for conn in self.connections:   # a server down: ask it now, not after its back-off
@@ -1595,6 +1598,14 @@ def add_metric(key, total, value):
 
 def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_wait(timeout):
+    """How long get() waits: None (for ever) or a number of seconds. NaN
+    would wait for ever, a boolean is no number, and anything else would
+    fail only inside the wait."""
+    if timeout is not None and (not is_number(timeout) or timeout != timeout):
+        raise DeputyError("timeout must be a number of seconds or None, not %r" % (timeout,))
 
 
 def check_priority(priority):

@@ -691,6 +691,10 @@ def test_can_do_checks_its_arguments(shared_server, clients):
         worker.can_do({"t": len}, capacity=2 ** 64)     # the protocol carries 64 bits
     with pytest.raises(TypeError, match="type name: handler"):
         worker.can_do(["t", "u"])
+    with pytest.raises(TypeError, match="type name: handler"):
+        worker.can_do(["ab"])           # dict() would read "ab" as the pair a: b
+    with pytest.raises(TypeError, match="type name: handler"):
+        worker.can_do([("t", len)])     # pairs are no dict either
     assert worker.worker.handlers == {}
 
 
@@ -704,6 +708,34 @@ def test_a_refused_capacity_leaves_the_client_working(shared_server, clients):
     worker.can_do({t: str.upper}, capacity=2 ** 64 - 1)
     assert clients(shared_server.address).call(t, "ok", timeout=WAIT) == "OK"
     assert worker.metrics(timeout=WAIT)["workers"] >= 1
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), "10", True], ids=["nan", "str", "bool"])
+def test_call_and_map_refuse_a_bad_timeout_before_sending_anything(shared_server, clients,
+                                                                    timeout):
+    t = job_type()
+    client = clients(shared_server.address)
+    with pytest.raises(DeputyError, match="timeout must be a number"):
+        client.call(t, 1, timeout=timeout)
+    with pytest.raises(DeputyError, match="timeout must be a number"):
+        client.map(t, [1, 2], timeout=timeout)
+    assert client.metrics(timeout=WAIT)["types"].get(t, {}).get("queued", 0) == 0
+
+
+def test_after_close_can_do_and_metrics_raise_client_closed_at_once(shared_server):
+    client = Client(shared_server.address)
+    client.can_do({job_type(): len})
+    client.metrics(timeout=WAIT)
+    client.close()
+    started = time.monotonic()
+    with pytest.raises(ClientClosed):
+        client.metrics(timeout=WAIT)
+    with pytest.raises(ClientClosed):
+        client.can_do({job_type(): len})
+    with pytest.raises(ClientClosed):
+        client.can_do("t")
+    assert time.monotonic() - started < 1
+    client.work()                       # "until close() is called": it was
 
 
 def test_get_with_a_nan_timeout_is_refused_not_a_wait_forever(clients):
