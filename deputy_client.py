@@ -812,7 +812,8 @@ class Job:
 
     def get(self, timeout=None):
         if self._state == PENDING:
-            check_wait(timeout)
+            if timeout is not None:
+                check_wait(timeout)
             if self._event is None:
                 self._event = gevent.event.Event()
             if not self._event.wait(timeout):
