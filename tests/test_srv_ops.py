@@ -496,6 +496,26 @@ def test_drain_ends_when_the_worker_in_flight_is_lost(start_server):
     assert time.monotonic() - t0 < 2, "waited for the drain timeout with nothing in flight"
 
 
+def test_a_job_past_its_ttr_while_draining_is_queued_again_not_failed(start_server):
+    """Taken back from its worker (cancel), the job is queued again, as at
+    any time, and so no longer in flight: the server exits without a `did`
+    for it, and its submitter's connection closes, which is what makes
+    deputy_client send it again (a failure would be final)."""
+    srv = start_server()
+    w = worker(srv, "t")
+    s = srv.connect()
+    s.send(do(1, "t", ttr=0.5))
+    j = take_job(w, "t")
+    srv.signal(signal.SIGTERM)
+    wait_for(lambda: listener_closed(srv), 3)
+    t0 = time.monotonic()
+    w.expect("cancel", id=j["id"])
+    assert srv.wait(5) == 0
+    assert time.monotonic() - t0 < 2, "waited for the drain timeout with nothing in flight"
+    assert [m for m in drain_messages(s) if m.get("cmd") == "did"] == []
+    assert s.is_closed(3)
+
+
 def test_drain_ends_when_the_job_in_flight_is_cancelled(start_server):
     srv = start_server()
     w, s, j = draining_with_one_job(srv)
