@@ -2310,7 +2310,7 @@ TYPE_HELP = {
     "queued": ("gauge", "Jobs of this type waiting for a worker."),
     "running": ("gauge", "Jobs of this type held by workers."),
     "workers": ("gauge", "Connections that can do this type."),
-    "idle": ("gauge", "Connections that can do this type and have a free slot."),
+    "idle": ("gauge", "Connections that can do this type and have a free slot (and no backed-up output)."),
     "done": ("counter", "Jobs of this type finished with a result."),
     "failed": ("counter", "Jobs of this type finished with an error."),
 }

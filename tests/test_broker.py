@@ -210,8 +210,11 @@ def test_paused_submitter_jobs_wait_and_others_go_first(broker):
 
 
 def test_paused_worker_gets_no_job_until_resumed(broker):
+    """...and does not count as idle meanwhile (README: metrics)."""
     w, wl = worker(broker)
+    assert broker.kinds["echo"].stats()["idle"] == 1
     broker.pause(w)
+    assert broker.kinds["echo"].stats()["idle"] == 0
     client, _ = peer(broker)
     broker.submit(client, sub(1))
     assert wl.take() == []
