@@ -811,9 +811,9 @@ class Job:
         return "<Job %s %s %s>" % (self.id, self.type, state)
 
     def get(self, timeout=None):
+        if timeout is not None:         # (the usual get() has none: no call)
+            check_wait(timeout)
         if self._state == PENDING:
-            if timeout is not None:
-                check_wait(timeout)
             if self._event is None:
                 self._event = gevent.event.Event()
             if not self._event.wait(timeout):
@@ -1491,14 +1491,16 @@ class Client:
             raise ClientClosed("client is closed")      # no server would ever answer
         if self._fatal is not None:
             raise self._fatal
+        check_wait(timeout)
         for conn in self.connections:   # a server down: ask it now, not after its back-off
             conn.retry_now()
-        deadline = time.monotonic() + timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
         waiters = [(conn, conn.ask_metrics()) for conn in self.connections]
         each, timed_out = {}, False
         for conn, waiter in waiters:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
             try:
-                each[conn.label] = waiter.get(timeout=max(deadline - time.monotonic(), 0))
+                each[conn.label] = waiter.get(timeout=left)
             except gevent.Timeout:
                 waiter.set(None)
                 each[conn.label], timed_out = None, True
@@ -1603,10 +1605,15 @@ def is_number(value):
 
 def check_wait(timeout):
     """How long get() waits: None (for ever) or a number of seconds. NaN
-    would wait for ever, a boolean is no number, and anything else would
-    fail only inside the wait."""
-    if timeout is not None and (not is_number(timeout) or timeout != timeout):
+    would wait for ever and a boolean is no number (DeputyError); anything
+    else is of the wrong type (TypeError), which would fail only inside the
+    wait, or not at all on a job already done."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or (isinstance(timeout, float) and timeout != timeout):
         raise DeputyError("timeout must be a number of seconds or None, not %r" % (timeout,))
+    if not isinstance(timeout, (int, float)):
+        raise TypeError("timeout must be a number of seconds or None, not %r" % (timeout,))
 
 
 def check_priority(priority):

@@ -710,16 +710,45 @@ def test_a_refused_capacity_leaves_the_client_working(shared_server, clients):
     assert worker.metrics(timeout=WAIT)["workers"] >= 1
 
 
-@pytest.mark.parametrize("timeout", [float("nan"), "10", True], ids=["nan", "str", "bool"])
+BAD_TIMEOUTS = [(float("nan"), DeputyError), (True, DeputyError), ("10", TypeError),
+                ([1], TypeError)]
+BAD_TIMEOUT_IDS = ["nan", "bool", "str", "list"]
+
+
+@pytest.mark.parametrize("timeout, error", BAD_TIMEOUTS, ids=BAD_TIMEOUT_IDS)
 def test_call_and_map_refuse_a_bad_timeout_before_sending_anything(shared_server, clients,
-                                                                    timeout):
+                                                                    timeout, error):
     t = job_type()
     client = clients(shared_server.address)
-    with pytest.raises(DeputyError, match="timeout must be a number"):
+    with pytest.raises(error, match="timeout must be a number"):
         client.call(t, 1, timeout=timeout)
-    with pytest.raises(DeputyError, match="timeout must be a number"):
+    with pytest.raises(error, match="timeout must be a number"):
         client.map(t, [1, 2], timeout=timeout)
     assert client.metrics(timeout=WAIT)["types"].get(t, {}).get("queued", 0) == 0
+
+
+@pytest.mark.parametrize("timeout, error", BAD_TIMEOUTS, ids=BAD_TIMEOUT_IDS)
+def test_get_and_metrics_refuse_a_bad_timeout_whether_or_not_the_job_is_done(
+        shared_server, clients, timeout, error):
+    """README: a TypeError for the wrong type, DeputyError for NaN or a
+    boolean; a job already done is no excuse (the same call would fail on
+    one still pending)."""
+    t = job_type()
+    worker = clients(shared_server.address)
+    worker.can_do({t: str.upper})
+    client = clients(shared_server.address)
+    pending = client.do(job_type(), "nobody does this type")
+    done = client.do(t, "a")
+    assert done.get(timeout=WAIT) == "A"
+    for job in (pending, done):
+        with pytest.raises(error, match="timeout must be a number"):
+            job.get(timeout=timeout)
+    with pytest.raises(error, match="timeout must be a number"):
+        client.metrics(timeout=timeout)
+
+
+def test_metrics_without_a_timeout_waits_for_the_answer(shared_server, clients):
+    assert clients(shared_server.address).metrics(timeout=None)["connections_open"] >= 1
 
 
 def test_after_close_can_do_and_metrics_raise_client_closed_at_once(shared_server):
