@@ -423,6 +423,22 @@ def test_a_job_refused_while_the_only_server_drains_goes_to_its_successor(start_
     assert refused.get(WAIT) == "refused while draining"
 
 
+def test_a_successor_started_while_the_old_server_drains_gets_the_refused_job_once_it_exits(
+        start_server, clients):
+    """README: one connection per address, so the successor waits for the
+    old server's exit (this pins that; the client gives it all the jobs
+    then, the queued as well as the refused)."""
+    server, submitter, t, in_flight, gate = the_only_server_draining(start_server, clients)
+    refused = submitter.do(t, "refused while draining")
+    successor = start_server(port=server.port)      # the old listener is closed by now
+    gevent.sleep(0.5)
+    assert not refused.ready() and successor.proc.poll() is None
+    gate.set()
+    assert in_flight.get(WAIT) == "in flight"
+    assert server.wait(WAIT) == 0
+    assert refused.get(WAIT) == "refused while draining"
+
+
 def test_a_job_cancelled_before_the_draining_refusal_came_back_is_not_sent_again(
         start_server, clients):
     """do and cancel go out together; the server refuses the do as
