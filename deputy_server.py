@@ -2434,6 +2434,12 @@ class HttpApp:
         self.server = server
 
     def __call__(self, environ, start_response):
+        body = self.respond(environ, start_response)
+        if environ.get("REQUEST_METHOD") == "HEAD":
+            return []           # the headers a GET has, its Content-Length too, no body
+        return body
+
+    def respond(self, environ, start_response):
         path = environ.get("PATH_INFO", "/")
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
             return self.reply(start_response, "405 Method Not Allowed", "text/plain", b"GET only\n")
@@ -2481,6 +2487,15 @@ class ThrottledErrorLog:
         pass
 
 
+def bad_request_reason(exc, raw_requestline):
+    """gevent's reason for refusing a request, without the request's bytes
+    it quotes: a job client pointed at --http sends its auth line there,
+    and the secret must never reach the log."""
+    if raw_requestline.lstrip()[:1] == b"{":
+        return "a JSON line, not an HTTP request (a job client on the --http port?)"
+    return "%s (the request line is not logged)" % re.split(r"[:;]", str(exc), 1)[0]
+
+
 def http_server_class(idle_timeout):
     """gevent's WSGI server (imported only with --http), accepting as the
     job listeners do when out of file descriptors; and its request handler,
@@ -2508,6 +2523,8 @@ def http_server_class(idle_timeout):
             except socket.timeout:
                 raise ValueError("no complete request within %g s (--auth-timeout)"
                                  % idle_timeout) from None
+            except ValueError as exc:
+                raise ValueError(bad_request_reason(exc, raw_requestline)) from None
 
     class HttpServer(AcceptsOutOfFds, WSGIServer):
         handler_class = HttpHandler
