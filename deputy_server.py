@@ -2865,7 +2865,7 @@ Options:
                             the environment variable DEPUTY_SECRET).
   --secret-file <path>      Read the secret from this file.
   --tls-cert <file>         Speak TLS on TCP with this certificate (PEM).
-  --tls-key <file>          The private key of --tls-cert (PEM).
+  --tls-key <file>          The private key of --tls-cert (PEM, unencrypted).
   --http <[ip:]port>        Serve /metrics, /health and a status page over HTTP
                             (ip defaults to 127.0.0.1).
   --drain-timeout <sec>     How long SIGTERM waits for running jobs [default: 30]
@@ -2947,8 +2947,11 @@ def tls_context(args):
     import ssl
     import gevent.ssl
     context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)   # gevent's: handshakes yield
+    def encrypted_key():        # else OpenSSL asks for the passphrase on the terminal
+        raise UsageError("cannot load the TLS certificate: the key %s is encrypted; give one "
+                         "without a passphrase" % key)
     try:
-        context.load_cert_chain(cert, key)
+        context.load_cert_chain(cert, key, password=encrypted_key)
     except (OSError, ssl.SSLError) as exc:
         raise UsageError("cannot load the TLS certificate: %s" % (getattr(exc, "strerror", None)
                                                                   or exc))

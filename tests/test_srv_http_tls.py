@@ -114,6 +114,28 @@ def test_tls_needs_both_files_and_readable_ones(start_server, tls_files, tmp_pat
         assert len(lines) == 1 and "Traceback" not in proc.stderr.decode(), lines
 
 
+def test_an_encrypted_tls_key_is_one_clear_line_not_a_passphrase_prompt(tls_files, tmp_path):
+    """OpenSSL would ask on the terminal (and block there), or print its
+    prompt to a closed one before failing."""
+    import subprocess
+    import sys
+    from cryptography.hazmat.primitives import serialization
+    from conftest import SERVER
+    cert, key, _ = tls_files
+    with open(key, "rb") as plain:
+        private = serialization.load_pem_private_key(plain.read(), password=None)
+    encrypted = tmp_path / "encrypted.pem"
+    encrypted.write_bytes(private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase")))
+    proc = subprocess.run([sys.executable, SERVER, "-p", str(free_port()), "--tls-cert", cert,
+                           "--tls-key", str(encrypted)], capture_output=True, timeout=20,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 2
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "is encrypted; give one without a passphrase" in lines[0], lines
+
+
 # -- HTTP ----------------------------------------------------------------------
 
 def http_get(port, path):
