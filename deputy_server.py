@@ -2702,8 +2702,12 @@ class Server:
         self.port = tcp.server_port
         if self.metrics_interval:
             gevent.spawn(self.print_metrics_forever)
-        log.info("deputy %s listening on %s", __version__,
-                 ", ".join(str(listener.address) for listener in self.listeners))
+        where = [str(listener.address) for listener in self.listeners]
+        if self.http is not None:       # with its port, which --http 0 leaves to the system
+            host = self.http_address[0]
+            where.append("http://%s:%d" % ("[%s]" % host if ":" in host else host,
+                                           self.http.server_port))
+        log.info("deputy %s listening on %s", __version__, ", ".join(where))
 
     def listen(self, listener, where):
         listener.fd_warning = self.fd_warning

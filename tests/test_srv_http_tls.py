@@ -1,6 +1,7 @@
 """SPEC 8: TLS on the TCP listener, and --http: Prometheus /metrics,
 /health and the self-updating status page (in a real headless Chromium)."""
 import os
+import re
 import shutil
 import socket
 import ssl
@@ -281,6 +282,16 @@ def test_prometheus_metrics_carry_the_standard_process_series(http_server):
     low, high = min(fds_before, fds_after), max(fds_before, fds_after) + 2
     assert low <= after["process_open_fds"] <= high, (fds_before, fds_after)
     assert abs(after["process_start_time_seconds"] - time.time()) < 60
+
+
+def test_the_startup_line_says_the_http_port_the_system_chose(start_server):
+    srv = start_server("--http", "0")
+    deadline = time.monotonic() + 5     # (written right after the job port opens)
+    while not re.search("listening on", srv.stderr()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    found = re.search(r"listening on .*http://127\.0\.0\.1:(\d+)", srv.stderr())
+    assert found, srv.stderr()
+    assert http_get(int(found.group(1)), "/health")[0] == 200
 
 
 def test_health_and_unknown_paths(http_server):
