@@ -187,12 +187,21 @@ def parse_address(address):
 
 def parse_port(port, address):
     try:
-        number = int(port)
+        number = plain_number(int, port)
     except (TypeError, ValueError):
         number = 0
     if not 0 < number < 65536:
         raise DeputyError("bad port in server address %r" % (address,))
     return number
+
+
+def plain_number(kind, text):
+    """kind(text) for the digits a user types: Python's int() and float()
+    also take other scripts' digits ("٣" is 3) and underscores. (An int
+    given as a port is taken as it is.)"""
+    if isinstance(text, str) and (not text.isascii() or "_" in text):
+        raise ValueError(text)
+    return kind(text)
 
 
 def parse_addresses(address):
@@ -1774,7 +1783,7 @@ def cli_number(args, option, kind=float, minimum=None, positive=False, check=Non
     if text is None:
         return None
     try:
-        value = kind(text)
+        value = plain_number(kind, text)
     except ValueError:
         raise UsageError("%s must be a number, got %r" % (option, text)) from None
     if kind is float and not math.isfinite(value):

@@ -2886,10 +2886,18 @@ class UsageError(Exception):
     """A bad option value; one line for the user."""
 
 
+def plain_number(kind, text):
+    """kind(text) for the digits a user types: Python's int() and float()
+    also take other scripts' digits ("٣" is 3) and underscores."""
+    if not text.isascii() or "_" in text:
+        raise ValueError(text)
+    return kind(text)
+
+
 def parse_number(args, option, kind, low):
     text = args[option]
     try:
-        value = kind(text)
+        value = plain_number(kind, text)
     except (TypeError, ValueError):
         value = None
     if value is None or value != value or value < low or value == float("inf"):
@@ -2904,7 +2912,7 @@ def parse_http_address(text):
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     try:
-        port = int(port)
+        port = plain_number(int, port)
     except ValueError:
         raise UsageError("--http must be [IP:]PORT, not %r" % text)
     if not 0 <= port <= 65535:

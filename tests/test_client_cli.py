@@ -47,6 +47,7 @@ def test_a_bad_command_line_is_a_usage_error_without_traceback():
 
 @pytest.mark.parametrize("address, complaint", [
     ("127.0.0.1:notaport", "bad port"), ("127.0.0.1:99999", "bad port"),
+    ("127.0.0.1:\u0663", "bad port"), ("127.0.0.1:11_746", "bad port"),
     ("::1", "in brackets"), ("[::1", "[IPv6]:port")])
 def test_a_bad_address_exits_2_with_one_line(address, complaint):
     done = run_cli("-a", address, "metrics")
@@ -58,6 +59,8 @@ def test_a_bad_address_exits_2_with_one_line(address, complaint):
     ("--timeout", "0", "--timeout must be positive"),
     ("--ttr", "-1", "--ttr must be positive"),
     ("--priority", "high", "--priority must be a number"),
+    ("--priority", "\u0663", "--priority must be a number"),     # int() takes other digits
+    ("--timeout", "1_0", "--timeout must be a number"),
     ("--capacity", "0", "--capacity must be at least 1"),
 ])
 def test_bad_numbers_are_usage_errors(option, value, complaint):

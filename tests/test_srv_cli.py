@@ -151,6 +151,10 @@ def test_version():
     ["-p", "notaport"],
     ["-p", "70000"],
     ["-p", "-5"],
+    ["-p", "\u0663"],              # an Arabic-Indic 3: int() would take it
+    ["--max-line", "1_000"],
+    ["--http", "8_080"],
+    ["--ttr", "\u0661.5"],
     ["--max-line", "lots"],
     ["--max-line", "-1"],
     ["--max-attempts", "many"],
