@@ -104,6 +104,24 @@ def test_a_long_secret_still_fits_before_auth(start_server, tmp_path):
     assert authed(srv, secret=secret)
 
 
+def test_a_long_secrets_auth_line_fits_with_every_character_escaped_and_no_more(
+        start_server, tmp_path):
+    """README: before auth a line may be six times the secret's length plus
+    100 bytes (when that is over 64 KiB): a \\uXXXX escape per character."""
+    secret = "s" * (deputy_server.AUTH_LINE * 2)
+    (tmp_path / "secret").write_text(secret)
+    srv = start_server("--secret-file", str(tmp_path / "secret"))
+    escaped = srv.connect()
+    escaped.send_raw(b'{"cmd":"auth","secret":"' + b"\\u0073" * len(secret) + b'"}\r\n')
+    escaped.expect("auth", ok=True)
+    limit = 6 * len(secret) + 100
+    over = srv.connect()
+    over.send_raw(b'{"cmd":"metrics","pad":"' + b"x" * (limit - 25) + b'"}\r\n')
+    msg = expect_error(over)
+    assert "line too long" in msg["error"] and str(limit) in msg["error"], msg
+    assert over.is_closed(3)
+
+
 def test_a_connection_that_never_authenticates_is_closed_after_auth_timeout(start_server):
     """A stranger who connects and says nothing (or half a line) would hold
     a descriptor forever: after --auth-timeout it gets an error and is
