@@ -545,7 +545,7 @@ class Connection:
             self.last_error = ConnectionError("connection closed by the server")
         if self.fatal is None:
             log.warning("lost connection to %s: %s; reconnecting", self.label,
-                        describe(self.last_error))
+                        describe(self.last_error), extra={"deputy_retrying": True})
         self.client.worker.connection_lost(self)
         jobs, self.pending = self.pending, {}
         self.client._connection_down(self, jobs.values())
@@ -1720,7 +1720,8 @@ def main(argv=None):
     handler.setFormatter(logging.Formatter("deputy-client: %(message)s"))
     # An error that ends the command is printed once, when it does; and a
     # command that ends when no server answers says so in that error, so
-    # "retrying" would be news only to `work` and `status --watch`.
+    # "retrying" (or "reconnecting") would be news only to `work` and
+    # `status --watch`.
     handler.addFilter(lambda record: not getattr(record, "deputy_fatal", False))
     if not (args["work"] or args["--watch"]):
         handler.addFilter(lambda record: not getattr(record, "deputy_retrying", False))

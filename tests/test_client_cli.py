@@ -249,6 +249,23 @@ def test_metrics_pretty_prints(shared_server):
     assert '\n  "connections"' in done.stdout
 
 
+@pytest.mark.parametrize("command", [["metrics"], ["do", "t", "1", "--timeout", "2"]],
+                         ids=["metrics", "do"])
+def test_a_server_that_hangs_up_at_once_gives_one_line_not_one_per_reconnection(command):
+    """(A TLS server spoken to without --tls, a proxy with nothing behind
+    it.) "lost connection ...; reconnecting" is news only to work."""
+    import gevent.server
+    hang_up = gevent.server.StreamServer(("127.0.0.1", 0), lambda sock, address: sock.close())
+    hang_up.start()
+    try:
+        done = run_cli("-a", "127.0.0.1:%d" % hang_up.server_port, *command,
+                       timeout=WAIT + 10)
+    finally:
+        hang_up.stop()
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.count("\n") == 1 and "reconnecting" not in done.stderr, done.stderr
+
+
 def test_metrics_without_a_server_fails_with_the_reason():
     done = run_cli("-a", "127.0.0.1:%d" % free_port(), "metrics")
     assert done.returncode == 1
