@@ -1986,8 +1986,18 @@ def status_table(client):
 
 def type_rows(metrics):
     types = metrics.get("types") or {}
-    return [(name,) + tuple(str(types[name].get(column, "")) for column in STATUS_COLUMNS)
+    return [(shown_name(name),) + tuple(str(types[name].get(column, ""))
+                                        for column in STATUS_COLUMNS)
             for name in sorted(types)]
+
+
+def shown_name(name):
+    """A type name as the terminal may show it: any client names types, and
+    a line feed would forge a row, an escape sequence drive the terminal."""
+    if name.isprintable():
+        return name
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in name)
 
 
 def format_table(header, rows):

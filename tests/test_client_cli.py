@@ -291,6 +291,23 @@ def test_status_prints_a_table_per_type(shared_server, clients):
     assert [t, "3", "0", "0", "0"] in [line.split() for line in lines[1:]]
 
 
+def test_status_shows_control_characters_in_type_names_escaped(shared_server, clients):
+    """A line feed in a type name would forge a row of the table, an escape
+    sequence reach the operator's terminal; printable names (é too) stay."""
+    t = job_type("status")
+    forged = t + "-x\nforged 9 9 9 9\x1b[2J"
+    submitter = clients(shared_server.address)
+    submitter.do(forged, 1)
+    submitter.do(t + "-é", 1)
+    wait_until(lambda: forged in submitter.metrics()["types"])
+    done = run_cli("-a", shared_server.address, "status")
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()]
+    assert [t + "-x\\nforged", "9", "9", "9", "9\\x1b[2J", "1", "0", "0", "0"] in rows
+    assert [t + "-é", "1", "0", "0", "0"] in rows
+    assert not any(row[:1] == ["forged"] for row in rows) and "\x1b" not in done.stdout
+
+
 def test_status_watch_redraws_until_stopped(shared_server):
     """Ctrl-C is how it ends: exit 0, and nothing on stderr (gevent's hub
     would print "KeyboardInterrupt" and a timestamp)."""
