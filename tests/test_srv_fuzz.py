@@ -546,3 +546,13 @@ def test_salvage_id_takes_any_line(line):
 ])
 def test_salvage_id_gives_up_rather_than_guess(line):
     assert deputy_server.salvage_id(line) is deputy_server.NO_ID
+
+
+@pytest.mark.parametrize("line", [
+    b'{"cmd":"do","id":1,"id":2,"type":"t",}',
+    b'{"cmd":"do","a":[1],"id":1,"id":2,"type":"t",}',      # the member walk, not the regex
+])
+def test_an_invalid_line_with_its_id_twice_is_answered_with_the_first(line):
+    """README: the line is read only as far as that (a valid line's last
+    id is the one that counts; an invalid one is not read to its end)."""
+    assert deputy_server.salvage_id(line) == 1
