@@ -2917,7 +2917,18 @@ def parse_http_address(text):
         raise UsageError("--http must be [IP:]PORT, not %r" % text)
     if not 0 <= port <= 65535:
         raise UsageError("--http port must be 0-65535, not %d" % port)
+    if ":" in host and not is_ipv6(host):   # "::1" read as host ":" and port 1
+        raise UsageError("--http must be [IP:]PORT, not %r (an IPv6 address with its port: "
+                         "[::1]:9746)" % text)
     return (host or DEFAULT_HOST, port)
+
+
+def is_ipv6(text):
+    try:
+        socket.inet_pton(socket.AF_INET6, text)
+    except OSError:
+        return False
+    return True
 
 
 def read_secret(args, environ):

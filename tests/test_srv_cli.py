@@ -165,6 +165,7 @@ def test_version():
     ["-s", ""],
     ["--ttr", ""],
     ["--http", ""],
+    ["--http", "::1"],              # an IPv6 address without its port
     ["--secret-file", ""],
     ["--auth-timeout", "soon"],
     ["--auth-timeout", "-1"],
