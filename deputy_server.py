@@ -866,6 +866,11 @@ class Counters:
         self.jobs_background = 0
 
 
+def counted(n, noun):
+    """For the log: "1 job", "2 jobs"."""
+    return "%d %s%s" % (n, noun, "" if n == 1 else "s")
+
+
 def lost_worker_failure(attempts):
     """The err of a job whose every attempt was lost with its worker."""
     return "job failed: its worker was lost %s" % (
@@ -2162,6 +2167,7 @@ class Connection(Peer):
         if expected is not None and not hmac.compare_digest(
                 secret.encode("utf-8", "surrogatepass"), expected.encode()):
             self.server.log_throttle.log(logging.WARNING, "%s: authentication failed", self.name)
+            self.logged_error = True        # that line is this connection's one (refuse())
             self.fail_auth("authentication failed")
         if not self.authed:
             self.authenticated()
@@ -2442,7 +2448,7 @@ class HttpApp:
     def respond(self, environ, start_response):
         path = environ.get("PATH_INFO", "/")
         if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
-            return self.reply(start_response, "405 Method Not Allowed", "text/plain", b"GET only\n")
+            return self.reply(start_response, "405 Method Not Allowed", "text/plain", b"GET or HEAD only\n")
         if path == "/metrics":
             metrics = self.server.metrics()
             body = (prometheus_text(metrics) + process_text(metrics["up_since"] / 1000.0)).encode()
@@ -2755,15 +2761,15 @@ class Server:
         their results reach the submitters, all within the drain timeout."""
         deadline = monotonic() + self.drain_timeout
         running = self.broker.job_totals()["jobs_running"]
-        log.info("draining: %d jobs running", running)
+        log.info("draining: %s running", counted(running, "job"))
         self.close_listeners()
         self.broker.start_draining()
         if running and not self.broker.drained.wait(self.drain_timeout):
-            log.warning("drain timeout: %d jobs still running",
-                        self.broker.job_totals()["jobs_running"])
+            log.warning("drain timeout: %s still running",
+                        counted(self.broker.job_totals()["jobs_running"], "job"))
         unsent = self.flush_connections(deadline - monotonic())
         if unsent:
-            log.warning("drain timeout: output still unsent to %d connections", unsent)
+            log.warning("drain timeout: output still unsent to %s", counted(unsent, "connection"))
         self.stop()
 
     def flush_connections(self, timeout):

@@ -393,6 +393,14 @@ def test_a_malformed_http_request_is_logged_without_its_bytes(start_server, line
     assert "s3cr3t" not in logged, logged
 
 
+def test_other_methods_than_get_and_head_get_405(http_server):
+    request = urllib.request.Request("http://127.0.0.1:%d/health" % http_server.http_port,
+                                     data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=5)
+    assert refused.value.code == 405 and refused.value.read() == b"GET or HEAD only\n"
+
+
 def test_head_answers_the_headers_of_get_without_a_body(http_server):
     """On one keep-alive connection: a body after a HEAD answer would be
     read as the start of the next answer."""

@@ -180,6 +180,19 @@ def test_a_wrong_secret_in_a_loop_does_not_fill_the_log(start_server):
     assert logged.count("refused a message") <= deputy_server.LogThrottle().burst
 
 
+def test_a_wrong_secret_is_one_log_line_for_its_connection(start_server):
+    """README: a connection that sends bad input is logged once (here the
+    WARNING, not an INFO "refused a message" after it)."""
+    srv = start_server("--secret", SECRET)
+    c = srv.connect()
+    c.send(auth("wrong"))
+    refused_and_closed(c)
+    assert authed(srv)              # (after the wrong one's line was written)
+    logged = srv.stderr()
+    assert logged.count("authentication failed") == 1, logged
+    assert "refused a message" not in logged, logged
+
+
 def test_the_log_throttle_counts_what_it_held_back(caplog, monkeypatch):
     clock = [100.0]
     monkeypatch.setattr(deputy_server, "monotonic", lambda: clock[0])
@@ -463,6 +476,7 @@ def test_sigterm_drains_jobs_in_flight(start_server, tmp_path):
     assert time.monotonic() - t0 < 2
     assert not os.path.exists(path)
     assert "Traceback" not in srv.stderr()
+    assert "draining: 1 job running" in srv.stderr()
     assert all(m.get("cmd") != "do" for m in drain_messages(w)), "a queued job was handed out"
 
 
