@@ -867,7 +867,7 @@ class Counters:
 
 
 def counted(n, noun):
-    """For the log: "1 job", "2 jobs"."""
+    """ "1 job", "2 jobs": for the log and the failure texts."""
     return "%d %s%s" % (n, noun, "" if n == 1 else "s")
 
 
@@ -879,8 +879,7 @@ def lost_worker_failure(attempts):
 
 def ttr_failure(attempts):
     """The err of a job whose last lost attempt ran past its ttr."""
-    return "job failed: %d attempt%s lost, the last by running past its ttr" % (
-        attempts, "s" if attempts > 1 else "")
+    return "job failed: %s lost, the last by running past its ttr" % counted(attempts, "attempt")
 
 
 class Broker:
