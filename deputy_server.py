@@ -2498,7 +2498,7 @@ def bad_request_reason(exc, raw_requestline):
     and the secret must never reach the log."""
     if raw_requestline.lstrip()[:1] == b"{":
         return "a JSON line, not an HTTP request (a job client on the --http port?)"
-    return "%s (the request line is not logged)" % re.split(r"[:;]", str(exc), 1)[0]
+    return "%s (the request line is not logged)" % re.split(r"[:;]", str(exc), maxsplit=1)[0]
 
 
 def http_server_class(idle_timeout):
